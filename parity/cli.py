@@ -1,0 +1,151 @@
+"""`parity`: the command line (DESIGN.md "Command line").
+
+Exit codes for every command: 0 pass / done; 1 a verdict of divergence over budget; 2 bad input,
+usage error or internal error (one line `error: ...`, a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import ParityError
+
+EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2
+        raise ParityError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="parity", description="numerical parity of GPT-family checkpoints")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser("trace", help="run one implementation and write a parity-golden/1 file")
+    t.add_argument("checkpoint")
+    t.add_argument("--impl", default="reference", help="reference | fast | hf")
+    t.add_argument("--variant", default=None, help="fast-path preset (hf, meg, sdpa, ...)")
+    t.add_argument("--dtype", default=None, help="float64 | float32 | float16 | bfloat16")
+    t.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    t.add_argument("--emulate", choices=("on", "off"), default=None,
+                   help="CPU emulation of CUDA half precision (default on for half on a CPU)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokens", help='token ids, e.g. "464 3290 318"; rows separated by ";"')
+    src.add_argument("--text", help="text, tokenized with the checkpoint's tokenizer files")
+    src.add_argument("--inputs", help="safetensors file with input_ids [, attention_mask, position_ids]")
+    t.add_argument("--sites", default=None, help="glob(s) of sites to keep, comma separated")
+    t.add_argument("--out", required=True, help="output .safetensors file")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    c = sub.add_parser("checkpoint", help="checkpoint utilities")
+    csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
+    m = csub.add_parser("make", help="write a seeded random checkpoint in HF layout")
+    m.add_argument("--family", required=True)
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--layers", type=int, default=None)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default=None, help="storage dtype (default fp32 tiny, fp16 full-width)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def cmd_trace(a) -> int:
+    from . import subjects
+    from .checkpoint import load_checkpoint
+    from .golden_io import write_golden
+    from .inputs import load_inputs, parse_tokens, tokenize, validate_inputs
+
+    ckpt = load_checkpoint(a.checkpoint, check_values=False)
+    if a.tokens is not None:
+        inp, source = parse_tokens(a.tokens), "--tokens"
+    elif a.inputs is not None:
+        inp, source = load_inputs(a.inputs), a.inputs
+    else:
+        inp, source = tokenize(Path(a.checkpoint), [a.text]), "--text"
+    validate_inputs(inp, ckpt.config, source)
+    dtype = a.dtype or ("float64" if a.impl == "reference" else "float16")
+    emulate = None if a.emulate is None else a.emulate == "on"
+    trace = subjects.run(a.impl, ckpt, inp, variant=a.variant, dtype=dtype,
+                         device=resolve_device(a.device), emulate=emulate, sites=a.sites)
+    trace.explicit_positions = inp.position_ids is not None
+    meta = {
+        "family": ckpt.config.family,
+        "producer": trace.meta.get("producer", f"gpt-parity {a.impl}"),
+        "dtype": trace.meta.get("dtype", dtype),
+        "device": trace.meta.get("device", "cpu"),
+        "config_sha256": ckpt.config.sha256(),
+        "created": _now(),
+        **{k: v for k, v in trace.meta.items() if k not in ("producer", "dtype", "device")},
+    }
+    out = write_golden(a.out, trace, meta)
+    print(f"wrote {out}: {len(trace.sites)} sites, logits {list(trace.logits.shape)}, "
+          f"{a.impl} {meta['dtype']}")
+    return EXIT_OK
+
+
+def cmd_checkpoint(a) -> int:
+    from .recipes import make_checkpoint
+
+    if a.checkpoint_command != "make":
+        raise ParityError("parity checkpoint: expected 'make'")
+    out = make_checkpoint(a.family, a.out, preset=a.preset, layers=a.layers, seed=a.seed,
+                          dtype=a.dtype)
+    print(f"wrote {a.family} ({a.preset}, seed {a.seed}) checkpoint to {out}")
+    return EXIT_OK
+
+
+def resolve_device(device: str) -> str:
+    if device in ("cpu", "cuda") or device.startswith("cuda:"):
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ParityError("--device cuda: no CUDA device is available")
+        return device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise ParityError(f"unknown --device {device!r} (auto, cpu or cuda)")
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+COMMANDS = {"trace": cmd_trace, "checkpoint": cmd_checkpoint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        a = build_parser().parse_args(argv)
+        if not a.command:
+            raise ParityError("parity: no command given (try parity --help)")
+        return COMMANDS[a.command](a)
+    except ParityError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - internal errors: still one line, exit 2
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Model inputs: token ids from a string, a safetensors file or text, validated against a config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reference.config import ModelConfig
+
+from .errors import ParityError
+
+
+@dataclass
+class Inputs:
+    input_ids: np.ndarray  # (B, T) int64
+    attention_mask: np.ndarray | None = None  # (B, T) int64, 1 = real token
+    position_ids: np.ndarray | None = None  # (B, T) int64
+
+    @property
+    def shape(self):
+        return self.input_ids.shape
+
+
+def parse_tokens(text: str) -> Inputs:
+    """'464 3290 318' is one row; rows are separated by ';' and must have equal length."""
+    rows = [r.replace(",", " ").split() for r in text.split(";")]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise ParityError("--tokens: no token ids given")
+    try:
+        ids = [[int(t) for t in r] for r in rows]
+    except ValueError as e:
+        raise ParityError(f"--tokens: not an integer ({e})") from None
+    if len({len(r) for r in ids}) != 1:
+        raise ParityError("--tokens: rows have different lengths (pad them and use --inputs)")
+    return Inputs(np.asarray(ids, dtype=np.int64))
+
+
+def load_inputs(path: str | Path) -> Inputs:
+    """A safetensors file with `input_ids` and optional `attention_mask`, `position_ids`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParityError(f"{path}: no such inputs file")
+    try:
+        d = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise ParityError(f"{path}: not a readable safetensors file ({e})") from None
+    if "input_ids" not in d:
+        raise ParityError(f"{path}: has no 'input_ids' tensor")
+    out = {}
+    for k in ("input_ids", "attention_mask", "position_ids"):
+        if k in d:
+            a = d[k]
+            if a.dtype.kind not in "iu":
+                raise ParityError(f"{path}: {k!r} must be integer, got {a.dtype}")
+            if a.ndim == 1:
+                a = a[None]
+            if a.ndim != 2:
+                raise ParityError(f"{path}: {k!r} must be [B, T], got shape {list(a.shape)}")
+            out[k] = a.astype(np.int64)
+    ids = out["input_ids"]
+    for k in ("attention_mask", "position_ids"):
+        if k in out and out[k].shape != ids.shape:
+            raise ParityError(
+                f"{path}: {k!r} has shape {list(out[k].shape)}, input_ids {list(ids.shape)}")
+    return Inputs(ids, out.get("attention_mask"), out.get("position_ids"))
+
+
+def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
+    """Tokenize with the checkpoint's tokenizer files (tokenizer.json, or vocab.json+merges.txt);
+    rows of different lengths are left-padded (mask 0) with id 0."""
+    ckpt_dir = Path(ckpt_dir)
+    tok = load_tokenizer(ckpt_dir)
+    rows = [tok.encode(t).ids for t in texts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ParityError(f"{ckpt_dir}: a text encodes to no tokens")
+    t = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), t), dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return Inputs(ids, mask if (mask == 0).any() else None)
+
+
+def load_tokenizer(ckpt_dir: Path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    try:
+        if (ckpt_dir / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        if (ckpt_dir / "vocab.json").is_file() and (ckpt_dir / "merges.txt").is_file():
+            from tokenizers import decoders, pre_tokenizers
+
+            tok = Tokenizer(BPE.from_file(str(ckpt_dir / "vocab.json"),
+                                          str(ckpt_dir / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            return tok
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise ParityError(f"{ckpt_dir}: tokenizer files unreadable ({e})") from None
+    raise ParityError(
+        f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt) for --text")
+
+
+def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 0) -> None:
+    """Ids within the vocabulary, lengths within the model's positions, masks of 0/1."""
+    ids = inp.input_ids
+    if ids.size == 0 or ids.shape[-1] == 0:
+        raise ParityError(f"{source}: empty input (no tokens)")
+    if ids.min() < 0:
+        raise ParityError(f"{source}: negative token id {int(ids.min())}")
+    if ids.max() >= cfg.vocab_size:
+        raise ParityError(
+            f"{source}: token id {int(ids.max())} is out of range for vocab_size {cfg.vocab_size}")
+    t = ids.shape[1] + past_len
+    if t > cfg.n_positions:
+        raise ParityError(
+            f"{source}: sequence of {t} tokens is longer than the model's {cfg.n_positions} "
+            "positions")
+    if inp.attention_mask is not None:
+        m = inp.attention_mask
+        if not np.isin(m, (0, 1)).all():
+            raise ParityError(f"{source}: attention_mask must hold only 0 and 1")
+        if (m.sum(axis=1) == 0).any():
+            raise ParityError(f"{source}: a row of attention_mask has no real token")
+    if inp.position_ids is not None:
+        p = inp.position_ids
+        if p.min() < 0 or p.max() >= cfg.n_positions:
+            raise ParityError(
+                f"{source}: position id {int(p.max() if p.max() >= 0 else p.min())} outside "
+                f"[0, {cfg.n_positions})")

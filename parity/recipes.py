@@ -1,0 +1,143 @@
+"""Seeded random checkpoints in Hugging Face layout (`parity checkpoint make`).
+
+Presets:
+  tiny        the embedded default: small enough that every family runs in milliseconds on a
+              CPU, with non-trivial LayerNorm gains/biases and biases so mistakes in them show.
+  full-width  the released width of the family (GPT-J-6B: 4096 wide, 16 heads, rotary 64, vocab
+              50400) with --layers N, stored in fp16, one shard per layer, for benchmarks.
+Each tensor is drawn from its own generator seeded by (seed, tensor name), so a recipe gives the
+same bytes whatever the order of writing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+import reference
+
+from .errors import ParityError
+
+TINY = {
+    "gpt2": dict(model_type="gpt2", vocab_size=512, n_positions=128, n_embd=64, n_layer=4,
+                 n_head=4, activation_function="gelu_new"),
+    "gptmeg": dict(model_type="gptmeg", vocab_size=512, n_positions=128, n_ctx=128, n_embd=64,
+                   n_layer=4, n_head=4, activation_function="gelu_megatron"),
+    "openai-gpt": dict(model_type="openai-gpt", vocab_size=512, n_positions=128, n_embd=64,
+                       n_layer=4, n_head=4, afn="gelu"),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=512, max_position_embeddings=128,
+                    hidden_size=64, num_layers=4, num_heads=4,
+                    attention_types=[[["global", "local"], 2]], window_size=8,
+                    activation_function="gelu_new"),
+    "gptj": dict(model_type="gptj", vocab_size=512, n_positions=128, n_embd=64, n_layer=4,
+                 n_head=4, rotary_dim=8, activation_function="gelu_new",
+                 tie_word_embeddings=False),
+}
+
+FULL_WIDTH = {
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_head=12),
+    "gptmeg": dict(model_type="gptmeg", vocab_size=50257, n_positions=1024, n_ctx=1024,
+                   n_embd=768, n_head=12, activation_function="gelu_megatron"),
+    "openai-gpt": dict(model_type="openai-gpt", vocab_size=40478, n_positions=512, n_embd=768,
+                       n_head=12, afn="gelu"),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048,
+                    hidden_size=2048, num_heads=16, window_size=256),
+    "gptj": dict(model_type="gptj", vocab_size=50400, n_positions=2048, n_embd=4096, n_head=16,
+                 rotary_dim=64, tie_word_embeddings=False),
+}
+
+COMMON = dict(layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
+PRESETS = ("tiny", "full-width")
+
+
+def make_config(family: str, preset: str = "tiny", layers: int | None = None) -> dict:
+    if family not in reference.FAMILIES:
+        raise ParityError(f"unknown family {family!r} (choose from {', '.join(reference.FAMILIES)})")
+    if preset == "tiny":
+        d = dict(COMMON, **TINY[family])
+    elif preset == "full-width":
+        d = dict(COMMON, **FULL_WIDTH[family])
+        d.setdefault("n_layer", 2)
+    else:
+        raise ParityError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if family == "gpt_neo":
+        n = layers or d.get("num_layers", 2)
+        d["num_layers"] = n
+        d["attention_types"] = [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])
+    elif layers:
+        d["n_layer"] = layers
+    if layers is not None and layers < 1:
+        raise ParityError(f"--layers must be at least 1, got {layers}")
+    return d
+
+
+def tensor_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+CONV1D_FAMILIES = ("openai-gpt", "gpt2", "gptmeg")  # weights stored [in, out]
+
+
+def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Random values by the role of the tensor: LayerNorm gains near 1 (not 1), small non-zero
+    biases, weights ~ N(0, 1/fan_in), embeddings of unit-ish scale."""
+    rng = tensor_rng(seed, name)
+    leaf = name.rsplit(".", 1)[-1]
+    if ".ln_" in name or name.startswith("ln_f"):
+        if leaf == "weight":
+            return 1.0 + 0.2 * rng.standard_normal(shape)
+        return 0.1 * rng.standard_normal(shape)
+    if leaf == "bias":
+        return 0.1 * rng.standard_normal(shape)
+    if name.endswith("embed.weight") or name in ("wte.weight", "wpe.weight"):
+        return 0.5 * rng.standard_normal(shape)
+    # Conv1D is [in, out], nn.Linear [out, in]; scale by the input width either way
+    fan_in = shape[0] if family in CONV1D_FAMILIES else shape[-1]
+    return rng.standard_normal(shape) / np.sqrt(fan_in)
+
+
+def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
+                    layers: int | None = None, seed: int = 0, dtype: str | None = None) -> Path:
+    """Write config.json + weights; returns the directory."""
+    import torch
+    from safetensors.torch import save_file
+
+    raw = make_config(family, preset, layers)
+    cfg = reference.parse_config(raw)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or ("float16" if preset == "full-width" else "float32")
+    tdt = getattr(torch, dtype)
+    shapes = reference.param_shapes(cfg)
+    # one shard per layer for full-width checkpoints, so that writing stays within memory
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        grp = name.split(".")[1] if name.startswith("h.") else "rest"
+        groups.setdefault(grp if preset == "full-width" else "all", []).append(name)
+    files = {}
+    for gi, names in enumerate(groups.values()):
+        tensors = {}
+        for name in names:
+            key = name if name.startswith("lm_head") else "transformer." + name
+            tensors[key] = torch.from_numpy(init_tensor(family, name, shapes[name], seed)).to(tdt)
+        fname = ("model.safetensors" if len(groups) == 1
+                 else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors")
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        files.update({k: fname for k in tensors})
+        del tensors
+    if len(groups) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": files}, indent=1))
+    raw = dict(raw, torch_dtype=dtype, architectures=[_ARCH[family]],
+               gpt_parity_recipe={"family": family, "preset": preset, "layers": layers,
+                                  "seed": seed})
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+_ARCH = {"gpt2": "GPT2LMHeadModel", "gptmeg": "GPTMegLMHeadModel",
+         "openai-gpt": "OpenAIGPTLMHeadModel", "gpt_neo": "GPTNeoForCausalLM",
+         "gptj": "GPTJForCausalLM"}

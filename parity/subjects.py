@@ -1,0 +1,54 @@
+"""The implementations a trace can come from: `reference`, `fast`, `hf` (DESIGN.md).
+
+`run(impl, ckpt, inputs, ...)` returns a `reference.Trace` whatever the implementation; arrays are
+float64 NumPy (the subject's values, exactly), `trace.dtypes[site]` names the dtype that made them.
+"""
+from __future__ import annotations
+
+import reference
+
+from .checkpoint import Checkpoint
+from .errors import ParityError
+from .inputs import Inputs
+
+IMPLS = ("reference", "fast", "hf")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "half": "float16",
+                 "bf16": "bfloat16", "double": "float64", "float": "float32"}
+
+
+def normalize_dtype(dtype: str) -> str:
+    d = DTYPE_ALIASES.get(dtype, dtype)
+    if d not in DTYPES:
+        raise ParityError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return d
+
+
+def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = None,
+        dtype: str = "float64", device: str = "cpu", emulate: bool | None = None, sites=None,
+        past=None) -> reference.Trace:
+    dtype = normalize_dtype(dtype)
+    if impl == "reference":
+        if dtype not in ("float64", "float16", "bfloat16"):
+            raise ParityError(
+                f"--impl reference runs in float64 (or as the rounding floor in float16/bfloat16), "
+                f"not {dtype}")
+        floor = None if dtype == "float64" else dtype
+        t = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                              inputs.attention_mask, inputs.position_ids, past=past, sites=sites,
+                              floor=floor)
+        t.meta.update(impl="reference", device="cpu")
+        if floor:
+            t.meta["producer"] = f"gpt-parity reference rounding floor ({floor})"
+        return t
+    if impl == "fast":
+        from . import fast
+
+        return fast.run(ckpt, inputs, variant=variant or "hf", dtype=dtype, device=device,
+                        emulate=emulate, sites=sites, past=past)
+    if impl == "hf":
+        from . import hf_adapter
+
+        return hf_adapter.run(ckpt, inputs, dtype=dtype, device=device, sites=sites,
+                              attn_implementation=variant)
+    raise ParityError(f"unknown --impl {impl!r} (choose from {', '.join(IMPLS)})")

@@ -1,0 +1,43 @@
+"""gpt-parity's float64 truth: pure NumPy references of the five GPT families.
+
+    from reference import forward, parse_config
+    trace = forward(cfg, weights, input_ids)   # -> Trace (ordered site -> float64 array)
+
+Imports neither torch nor transformers.
+"""
+from __future__ import annotations
+
+from . import gpt2, gpt_neo, gptj, gptmeg, openai_gpt
+from .config import FAMILIES, ConfigError, ModelConfig, parse_config
+from .model import forward as _drive
+from .sites import BLOCK_SITES, site_names
+from .trace import Trace
+
+MODULES = {
+    "openai-gpt": openai_gpt,
+    "gpt2": gpt2,
+    "gpt_neo": gpt_neo,
+    "gptj": gptj,
+    "gptmeg": gptmeg,
+}
+
+
+def family_module(family: str):
+    return MODULES[family]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight names (HF keys without the `transformer.` prefix) and their shapes."""
+    return MODULES[cfg.family].param_shapes(cfg)
+
+
+def forward(cfg: ModelConfig, weights, input_ids, attention_mask=None, position_ids=None,
+            past=None, sites=None, floor: str | None = None) -> Trace:
+    """Run the float64 reference (or, with floor="float16"/"bfloat16", the rounding floor:
+    the same math with every weight, matmul output and site output rounded to that dtype)."""
+    return _drive(MODULES[cfg.family], cfg, weights, input_ids, attention_mask, position_ids,
+                  past, sites, floor)
+
+
+__all__ = ["FAMILIES", "BLOCK_SITES", "ConfigError", "ModelConfig", "Trace", "forward",
+           "param_shapes", "parse_config", "site_names", "family_module"]
