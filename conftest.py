@@ -35,6 +35,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    try:  # tiny models: one torch thread per xdist worker avoids spin contention on 2 cores
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     profile = config.getoption("--hypothesis-profile-name") or (

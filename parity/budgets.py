@@ -1,7 +1,9 @@
 """Budgets and tolerances as data (`parity/budgets.toml`), shared by tests, reports and the gate."""
 from __future__ import annotations
 
+import fnmatch
 import functools
+from dataclasses import dataclass
 import tomllib
 from pathlib import Path
 
@@ -36,3 +38,75 @@ def tolerance(name: str, kind: str | None = None, path: str | None = None) -> fl
         kind = "rel" if "rel" in t else "abs" if "abs" in t else next(
             k for k in t if k != "reason")
     return float(t[kind])
+
+
+# ----------------------------------------------------------------------------- verdict budgets
+VERDICT_KEYS = ("floor_ratio_warn", "floor_ratio_fail", "top1_min", "kl_max")
+MATCH_KEYS = ("family", "variant", "site", "dtype", "mode", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Budget:
+    floor_ratio_warn: float
+    floor_ratio_fail: float
+    top1_min: float
+    kl_max: float
+    reason: str = ""
+
+
+def validate_policy(data: dict, source: str) -> None:
+    """Schema check of the verdict part of a budgets / policy file."""
+    defaults = data.get("defaults")
+    if not isinstance(defaults, dict) or not defaults:
+        raise ParityError(f"{source}: no [defaults.<dtype>] tables")
+    for dt, t in defaults.items():
+        if not isinstance(t, dict):
+            raise ParityError(f"{source}: defaults.{dt} is not a table")
+        missing = [k for k in VERDICT_KEYS if k not in t]
+        if missing:
+            raise ParityError(f"{source}: defaults.{dt} lacks {', '.join(missing)}")
+        _check_numbers(t, f"{source}: defaults.{dt}")
+    overrides = data.get("overrides", [])
+    if not isinstance(overrides, list):
+        raise ParityError(f"{source}: overrides must be an array of tables ([[overrides]])")
+    for n, o in enumerate(overrides):
+        where = f"{source}: overrides[{n}]"
+        if not isinstance(o, dict):
+            raise ParityError(f"{where} is not a table")
+        if not o.get("reason"):
+            raise ParityError(f"{where} has no reason")
+        unknown = [k for k in o if k not in VERDICT_KEYS + MATCH_KEYS + ("reason",)]
+        if unknown:
+            raise ParityError(f"{where} has unknown keys {', '.join(unknown)}")
+        if not any(k in o for k in VERDICT_KEYS):
+            raise ParityError(f"{where} sets no budget ({', '.join(VERDICT_KEYS)})")
+        _check_numbers(o, where)
+
+
+def _check_numbers(t: dict, where: str) -> None:
+    for k in VERDICT_KEYS:
+        if k in t and (isinstance(t[k], bool) or not isinstance(t[k], (int, float))):
+            raise ParityError(f"{where}: {k} must be a number, got {t[k]!r}")
+        if k in t and t[k] < 0:
+            raise ParityError(f"{where}: {k} must not be negative")
+
+
+def load_policy(path: str | None = None) -> dict:
+    data = load(path)
+    validate_policy(data, str(path or DEFAULT_FILE))
+    return data
+
+
+def budget_for(policy: dict, *, dtype: str, family: str = "", variant: str = "", site: str = "",
+               mode: str = "", checkpoint: str = "") -> Budget:
+    """The budget of one site: the dtype's defaults, then every matching override in order."""
+    base = policy["defaults"].get(dtype) or policy["defaults"].get("float16")
+    vals = {k: float(base[k]) for k in VERDICT_KEYS}
+    reasons = []
+    key = dict(family=family, variant=variant, site=site, dtype=dtype, mode=mode,
+               checkpoint=checkpoint)
+    for o in policy.get("overrides", []):
+        if all(fnmatch.fnmatchcase(str(key[k]), str(o[k])) for k in MATCH_KEYS if k in o):
+            vals.update({k: float(o[k]) for k in VERDICT_KEYS if k in o})
+            reasons.append(o["reason"])
+    return Budget(**vals, reason="; ".join(reasons))

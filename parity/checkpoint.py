@@ -41,10 +41,14 @@ def read_config(path: Path) -> ModelConfig:
         raw = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
     try:
         return reference.parse_config(raw)
     except ConfigError as e:
         raise CheckpointError(f"{f}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. "layer_norm_epsilon": "x"
+        raise CheckpointError(f"{f}: a field has the wrong type ({e})") from None
 
 
 @dataclass
@@ -88,11 +92,14 @@ class Checkpoint:
         the format allows it."""
         e = self._entry(name)
         idx = np.asarray(index)
-        if self.fmt == "safetensors":
+        if self.fmt != "safetensors":
+            return self.tensor(name)[torch.as_tensor(idx)]
+        try:
             lo, hi = int(idx.min()), int(idx.max()) + 1
             block = self._handle(e.file).get_slice(e.key)[lo:hi]
-            return block[torch.as_tensor(idx - lo)]
-        return self.tensor(name)[torch.as_tensor(idx)]
+        except Exception as ex:  # noqa: BLE001 - any reader failure is a bad file
+            raise CheckpointError(f"{e.file}: cannot read tensor {e.key!r} ({ex})") from None
+        return block[torch.as_tensor(idx - lo)]
 
     def float64(self, name: str) -> np.ndarray:
         """A tensor as float64 NumPy, refusing non-finite values."""

@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output .safetensors file")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    r = sub.add_parser("report", help="every family x preset x dtype on the embedded checkpoints")
+    r.add_argument("--families", nargs="+", default=None)
+    r.add_argument("--variants", nargs="+", default=None)
+    r.add_argument("--dtypes", nargs="+", default=None)
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--out", default=None, help="report folder (default reports/<run-id>)")
+    r.add_argument("--no-attribution", action="store_true", help="skip the per-knob attribution")
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     c = sub.add_parser("checkpoint", help="checkpoint utilities")
     csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
     m = csub.add_parser("make", help="write a seeded random checkpoint in HF layout")
@@ -88,6 +97,42 @@ def cmd_trace(a) -> int:
     return EXIT_OK
 
 
+def cmd_report(a) -> int:
+    from rich.console import Console
+
+    from .report import terminal_summary, write_report
+    from .run_report import exit_code, run_report
+    from .subjects import normalize_dtype
+
+    console = Console(stderr=False)
+    device = resolve_device(a.device)
+    dtypes = [normalize_dtype(d) for d in a.dtypes] if a.dtypes else None
+    out = Path(a.out) if a.out else Path("reports") / _now().replace(":", "").replace("-", "")
+    _check_writable(out)
+    with console.status("parity report: starting") as status:
+        div, attr, run = run_report(a.families, a.variants, dtypes, device,
+                                    attribution=not a.no_attribution,
+                                    progress=lambda msg: status.update(f"parity report: {msg}"))
+    files = write_report(out, div, attr, run, title="gpt-parity report")
+    console.print(terminal_summary(div, attr))
+    console.print(f"report written to {out}/ ({', '.join(sorted(p.name for p in files.values()))})"
+                  f" in {run['wall_time_s']} s")
+    return exit_code(div)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParityError(f"{out}: cannot create report folder ({e.strerror or e})") from None
+    probe = out / ".parity-write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ParityError(f"{out}: report folder is not writable ({e.strerror or e})") from None
+
+
 def cmd_checkpoint(a) -> int:
     from .recipes import make_checkpoint
 
@@ -120,7 +165,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-COMMANDS = {"trace": cmd_trace, "checkpoint": cmd_checkpoint}
+COMMANDS = {"trace": cmd_trace, "report": cmd_report, "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -142,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - internal errors: still one line, exit 2
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+        print(f"error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line: wrapped library errors (torch, safetensors) may span several."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -109,7 +109,21 @@ def read_golden(path: str | os.PathLike) -> Golden:
                                                  and a.shape[0] == b and a.shape[1] >= t):
                 raise ParityError(f"{path}: {k} has shape {list(a.shape)}, input_ids {[b, t]}")
             extra[k] = a.to(torch.int64).numpy()
-    sites = {k: v.to(torch.float64).numpy() for k, v in tensors.items() if k not in INPUT_KEYS}
+    names = site_order(meta.get("family"), [k for k in tensors if k not in INPUT_KEYS])
+    sites = {k: tensors[k].to(torch.float64).numpy() for k in names}
     return Golden(path=path, meta=meta, input_ids=ids.to(torch.int64).numpy(),
                   logits=sites["logits"], attention_mask=extra.get("attention_mask"),
                   position_ids=extra.get("position_ids"), sites=sites)
+
+
+def site_order(family: str | None, names: list[str]) -> list[str]:
+    """Sites in execution order (a safetensors file keeps its keys sorted by name, so the order
+    of the trace is lost on disk): the family's site scheme first, unknown names after it."""
+    import reference
+
+    if family not in reference.BLOCK_SITES:
+        return names
+    layers = [int(n.split(".")[1]) for n in names
+              if n.startswith("blocks.") and n.split(".")[1].isdigit()]
+    rank = {s: i for i, s in enumerate(reference.site_names(family, max(layers, default=-1) + 1))}
+    return sorted(names, key=lambda s: (s not in rank, rank.get(s, 0)))

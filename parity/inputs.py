@@ -132,6 +132,20 @@ def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 
     if inp.position_ids is not None:
         p = inp.position_ids
         if p.min() < 0 or p.max() >= cfg.n_positions:
-            raise ParityError(
-                f"{source}: position id {int(p.max() if p.max() >= 0 else p.min())} outside "
-                f"[0, {cfg.n_positions})")
+            bad = int(p.min() if p.min() < 0 else p.max())  # the offending value, either side
+            raise ParityError(f"{source}: position id {bad} outside [0, {cfg.n_positions})")
+
+
+def default_batch(cfg: ModelConfig, length: int = 16, seed: int = 0, pad: int = 3) -> Inputs:
+    """The built-in deterministic token batch: two rows of `length` ids drawn with `seed`, the
+    second left-padded by `pad` (mask 0, pad id 0) with explicit position ids counting from 0 at
+    its first real token (what `generate` does; HF `forward` never derives them itself)."""
+    rng = np.random.default_rng([seed, length, cfg.vocab_size])
+    length = min(length, cfg.n_positions)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    pad = min(pad, length - 1)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return Inputs(ids, mask, pos)

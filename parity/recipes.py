@@ -50,13 +50,25 @@ FULL_WIDTH = {
 }
 
 COMMON = dict(layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
-PRESETS = ("tiny", "full-width")
+PRESETS = ("tiny", "stress", "full-width")
+
+# The `stress` preset: the tiny shapes with the magnitudes of real checkpoints (issue 4), so that
+# the numerics knobs matter. Each figure below is a scale applied to the tiny weights.
+STRESS = {
+    "outlier_dims": (3, 17),     # residual-stream dimensions that carry outliers
+    "outlier_embed": 1500.0,     # |value| of the outlier dims in the token embedding
+    "outlier_mlp_bias": 300.0,   # added to the outlier dims by every MLP output bias
+    "qk_head": 0,                # the head of each layer whose q and k are aligned and large
+    "qk_scale": 80.0,            # q = k weights scaled so the raw q.k^T of that head passes 65504
+    "hot_units": 8,              # MLP units whose pre-activation goes beyond +-40
+    "hot_scale": 30.0,
+}
 
 
 def make_config(family: str, preset: str = "tiny", layers: int | None = None) -> dict:
     if family not in reference.FAMILIES:
         raise ParityError(f"unknown family {family!r} (choose from {', '.join(reference.FAMILIES)})")
-    if preset == "tiny":
+    if preset in ("tiny", "stress"):
         d = dict(COMMON, **TINY[family])
     elif preset == "full-width":
         d = dict(COMMON, **FULL_WIDTH[family])
@@ -99,6 +111,39 @@ def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int) -> np
     return rng.standard_normal(shape) / np.sqrt(fan_in)
 
 
+def stress_tensor(family: str, name: str, a: np.ndarray, cfg, seed: int) -> np.ndarray:
+    """Apply the `stress` magnitudes to one freshly initialised tensor (see STRESS)."""
+    S, d, hd = STRESS, cfg.d_model, cfg.head_dim
+    h0 = slice(S["qk_head"] * hd, (S["qk_head"] + 1) * hd)
+    conv = family in CONV1D_FAMILIES
+    a = a.copy()
+    leaf = name.split(".", 2)[-1] if name.startswith("h.") else name
+    # outliers enter through an embedding that is not the (tied) LM head: wpe, or GPT-J's untied
+    # wte. OpenAI GPT gets none: post-LN bounds its stream after every block.
+    if (name == "wpe.weight" and family != "openai-gpt") or (name == "wte.weight" and family == "gptj"):
+        for j, dim in enumerate(S["outlier_dims"]):
+            a[:, dim] = (1 if j % 2 == 0 else -1) * S["outlier_embed"] * (1 + 0.1 * a[:, dim])
+    elif leaf in ("mlp.c_proj.bias", "mlp.fc_out.bias") and family != "openai-gpt":
+        for j, dim in enumerate(S["outlier_dims"]):
+            a[dim] += (1 if j % 2 == 0 else -1) * S["outlier_mlp_bias"]
+    elif leaf == "attn.c_attn.weight":  # Conv1D [d, 3d]: q columns [0, d), k columns [d, 2d)
+        q = a[:, h0] * S["qk_scale"]
+        a[:, h0] = q
+        a[:, d + h0.start:d + h0.stop] = q
+    elif leaf in ("attn.attention.q_proj.weight", "attn.q_proj.weight"):  # Linear [out, in]
+        a[h0, :] *= S["qk_scale"]
+    elif leaf in ("attn.attention.k_proj.weight", "attn.k_proj.weight"):
+        q_name = name.replace("k_proj", "q_proj")
+        a[h0, :] = init_tensor(family, q_name, a.shape, seed)[h0, :] * S["qk_scale"]
+    elif leaf in ("mlp.c_fc.weight", "mlp.fc_in.weight"):
+        hot = slice(0, S["hot_units"])
+        if conv:
+            a[:, hot] *= S["hot_scale"]
+        else:
+            a[hot, :] *= S["hot_scale"]
+    return a
+
+
 def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
                     layers: int | None = None, seed: int = 0, dtype: str | None = None) -> Path:
     """Write config.json + weights; returns the directory."""
@@ -122,7 +167,10 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
         tensors = {}
         for name in names:
             key = name if name.startswith("lm_head") else "transformer." + name
-            tensors[key] = torch.from_numpy(init_tensor(family, name, shapes[name], seed)).to(tdt)
+            a = init_tensor(family, name, shapes[name], seed)
+            if preset == "stress":
+                a = stress_tensor(family, name, a, cfg, seed)
+            tensors[key] = torch.from_numpy(a).to(tdt)
         fname = ("model.safetensors" if len(groups) == 1
                  else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors")
         save_file(tensors, str(out / fname), metadata={"format": "pt"})

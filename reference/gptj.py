@@ -27,7 +27,8 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
         })
     shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
     if not cfg.tie_word_embeddings:
-        shapes.update({"lm_head.weight": (cfg.vocab_size, d), "lm_head.bias": (cfg.vocab_size,)})
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    shapes["lm_head.bias"] = (cfg.vocab_size,)  # HF's lm_head keeps its bias even when tied
     return shapes
 
 
@@ -64,9 +65,7 @@ def block(ctx: Context, i: int, h):
 
 def head(ctx: Context, h):
     h = ctx.site("ln_f", ctx.layer_norm(h, "ln_f"))
-    if ctx.cfg.tie_word_embeddings:
-        logits = h @ ctx.w("wte.weight").T
-    else:
-        logits = h @ ctx.w("lm_head.weight").T + ctx.w("lm_head.bias")
+    w = ctx.w("wte.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight")
+    logits = h @ w.T + ctx.w("lm_head.bias")  # the bias stays when the weight is tied
     ctx.last_logits = ctx.site("logits", ctx.rnd(logits))
     return ctx.last_logits

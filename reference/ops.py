@@ -169,7 +169,8 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     normal = bits.view(np.float64)
     # below the smallest normal: multiples of the smallest subnormal, ties to even (np.round)
     q = 2.0 ** (emin - mant)
-    sub = np.round(x / q) * q
+    with np.errstate(over="ignore", invalid="ignore"):  # huge/inf x: the `normal` branch wins
+        sub = np.round(x / q) * q
     out = np.where(np.abs(x) < 2.0**emin, sub, normal)
     out = np.where(np.abs(out) > fmax, np.copysign(np.inf, x), out)
     return np.where(np.isfinite(x), out, x)

@@ -1,0 +1,222 @@
+"""Layer-by-layer comparison of subjects against the float64 reference (DESIGN.md "Metrics").
+
+Two error figures per site:
+  accumulated  the subject runs on its own stream from the embedding on;
+  local        each subject block is fed the reference's input to that block, rounded to the
+               subject's dtype, so a divergence is pinned on the layer that makes it.
+Every figure is also expressed against the rounding floor (the same math with every weight,
+matmul output and site output rounded once to the dtype) run in the same mode.
+
+`compare(...)` returns a pandas DataFrame in long format, one row per
+family x checkpoint x variant x dtype x device x mode x site.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+import reference
+from reference import ops
+from reference.model import make_context
+from reference.sites import block_output_site, site_kind, site_layer
+
+from . import budgets as B
+from . import metrics as M
+from .checkpoint import Checkpoint
+from .inputs import Inputs
+
+MODES = ("accumulated", "local")
+COLUMNS = ["family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site",
+           "layer", "kind", "site_dtype", "max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
+           "floor_rel_l2", "floor_ratio", "nonfinite", "headroom", "ref_max_abs", "top1", "kl",
+           "budget_warn", "budget_fail", "verdict", "reason"]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One implementation under test: a fast-path variant (preset, optionally with knob
+    overrides) in a dtype on a device."""
+
+    variant: str = "hf"
+    dtype: str = "float16"
+    device: str = "cpu"
+    emulate: bool | None = None
+    impl: str = "fast"
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/{self.dtype}"
+
+
+# ----------------------------------------------------------------------------- reference side
+def token_rows(inputs: Inputs) -> np.ndarray | None:
+    """(B, T) real-token rows of the new tokens, or None when there is no padding."""
+    if inputs.attention_mask is None:
+        return None
+    t = inputs.input_ids.shape[1]
+    return np.asarray(inputs.attention_mask)[:, -t:] != 0
+
+
+def block_inputs(trace: reference.Trace, cfg) -> list[np.ndarray]:
+    """The stream entering each block, and (last) the stream entering the head."""
+    out_site = block_output_site(cfg.family)
+    return [trace["embed"]] + [trace[f"blocks.{i}.{out_site}"] for i in range(cfg.n_layer)]
+
+
+def floor_local(cfg, weights, inputs: Inputs, streams: list[np.ndarray], dtype: str) -> dict:
+    """The rounding floor run block by block on the reference's (rounded) inputs."""
+    mod = reference.family_module(cfg.family)
+    ctx, trace = make_context(cfg, weights, inputs.input_ids, inputs.attention_mask,
+                              inputs.position_ids, floor=dtype)
+    mod.embed(ctx, trace.input_ids)
+    for i in range(cfg.n_layer):
+        mod.block(ctx, i, ops.round_to(streams[i], dtype))
+    mod.head(ctx, ops.round_to(streams[-1], dtype))
+    return trace.sites
+
+
+# ----------------------------------------------------------------------------- subject side
+def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, modes):
+    """Sites of the subject in each mode: {mode: {site: float64 array}}, and site dtypes."""
+    from . import fast
+
+    model = fast.FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
+                           emulate=subject.emulate)
+    out, dtypes, meta = {}, {}, {}
+    if "accumulated" in modes:
+        t = model.forward(inputs)
+        out["accumulated"], dtypes, meta = t.sites, dict(t.dtypes), dict(t.meta)
+    if "local" in modes:
+        t = forward_local(model, inputs, streams)
+        out["local"] = t.sites
+        dtypes = dtypes or dict(t.dtypes)
+        meta = meta or dict(t.meta)
+    return out, dtypes, meta
+
+
+def forward_local(model, inputs: Inputs, streams: list[np.ndarray]) -> reference.Trace:
+    """Each subject block fed the reference's stream, rounded to the subject's dtype."""
+    import torch
+
+    with torch.no_grad():
+        ctx = model.prepare(inputs)
+        model.embed(ctx)
+        for i in range(model.cfg.n_layer):
+            model.block(ctx, i, streams[i])
+        model.head(ctx, streams[-1])
+        return model.finish(ctx)
+
+
+# ----------------------------------------------------------------------------- rows and verdicts
+def site_row(site, sub, ref, flo, rows, site_dtype, dtype) -> dict:
+    valid = M.valid_mask(site, ref, rows)
+    m = M.site_metrics(sub, ref, site_dtype, valid)
+    if flo is not None:
+        fr = M.rel_l2(flo, ref, valid)
+        m["floor_rel_l2"] = fr
+        m["floor_ratio"] = M.floor_ratio(m["rel_l2"], fr)
+    else:
+        m["floor_rel_l2"] = math.nan
+        m["floor_ratio"] = math.nan
+    if site == "logits":
+        m.update(M.logit_metrics(sub, ref, rows))
+    else:
+        m.update(top1=math.nan, kl=math.nan)
+    return m
+
+
+def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str) -> tuple[str, str]:
+    """pass / warn / fail / overflow, with the reason in one sentence."""
+    limit = M.DTYPE_MAX.get(site_dtype, math.inf)
+    if m["ref_max_abs"] > limit:
+        return "overflow", (f"reference max |x| = {m['ref_max_abs']:.3g} exceeds {site_dtype} max "
+                            f"{limit:.6g}: the dtype cannot hold this site")
+    if m["nonfinite"]:
+        return "fail", (f"{m['nonfinite']} non-finite values where the reference is finite "
+                        f"(max |x| {m['ref_max_abs']:.3g}, headroom {m['headroom']:.3g})")
+    if dtype == "float64":
+        tol = B.tolerance("fast_float64_vs_reference")
+        if m["rel_l2"] > tol:
+            return "fail", f"rel_l2 {m['rel_l2']:.3g} > {tol:g} in float64"
+        return "pass", ""
+    fr = m["floor_ratio"]
+    if site == "logits":
+        if m["top1"] < budget.top1_min:
+            return "fail", f"top-1 agreement {m['top1']:.3f} < {budget.top1_min:g}"
+        if m["kl"] > budget.kl_max:
+            return "fail", f"KL {m['kl']:.3g} > {budget.kl_max:g}"
+    if fr > budget.floor_ratio_fail:
+        return "fail", f"floor_ratio {fr:.3g} > {budget.floor_ratio_fail:g}"
+    if fr > budget.floor_ratio_warn:
+        return "warn", f"floor_ratio {fr:.3g} > {budget.floor_ratio_warn:g}"
+    return "pass", ""
+
+
+def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label: str = "",
+            modes=MODES, policy: dict | None = None, ref_trace=None, progress=None) -> pd.DataFrame:
+    """Compare every subject with the reference on one checkpoint; long-format DataFrame."""
+    cfg = ckpt.config
+    policy = policy or B.load_policy()
+    weights = ckpt.weights()
+    ref = ref_trace or reference.forward(cfg, weights, inputs.input_ids, inputs.attention_mask,
+                                         inputs.position_ids)
+    rows = token_rows(inputs)
+    streams = block_inputs(ref, cfg)
+    floors: dict[tuple[str, str], dict] = {}
+    records = []
+    for subject in subjects:
+        dtype = subject.dtype
+        if dtype in ("float16", "bfloat16", "float32") and (dtype, "accumulated") not in floors:
+            floors[(dtype, "accumulated")] = reference.forward(
+                cfg, weights, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                floor=dtype).sites
+            floors[(dtype, "local")] = floor_local(cfg, weights, inputs, streams, dtype)
+        traces, dtypes, meta = subject_traces(ckpt, inputs, subject, streams, modes)
+        for mode in modes:
+            sites = traces[mode]
+            flo = floors.get((dtype, mode))
+            for site, r in ref.sites.items():
+                if site not in sites:
+                    continue
+                sdt = dtypes.get(site, dtype)
+                m = site_row(site, sites[site], r, None if flo is None else flo.get(site),
+                             rows, sdt, dtype)
+                budget = B.budget_for(policy, dtype=dtype, family=cfg.family,
+                                      variant=subject.variant, site=site, mode=mode,
+                                      checkpoint=label)
+                v, why = verdict(m, budget, site, sdt, dtype)
+                records.append(dict(
+                    family=cfg.family, checkpoint=label, variant=subject.variant, dtype=dtype,
+                    device=meta.get("device", subject.device),
+                    emulate=str(meta.get("emulate", "")) in ("True", "on", "true"),
+                    mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),
+                    site_dtype=sdt, budget_warn=budget.floor_ratio_warn,
+                    budget_fail=budget.floor_ratio_fail, verdict=v, reason=why,
+                    **{k: m[k] for k in ("max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
+                                         "floor_rel_l2", "floor_ratio", "nonfinite", "headroom",
+                                         "ref_max_abs", "top1", "kl")}))
+        if progress:
+            progress(subject)
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def first_divergent(df: pd.DataFrame, mode: str = "accumulated") -> pd.DataFrame:
+    """Per family/checkpoint/variant/dtype: the first site (execution order) not passing."""
+    bad = df[(df["mode"] == mode) & (df["verdict"] != "pass")]
+    keys = ["family", "checkpoint", "variant", "dtype"]
+    return bad.groupby(keys, sort=False).head(1)[keys + ["site", "layer", "verdict", "reason",
+                                                         "floor_ratio"]]
+
+
+def overall(df: pd.DataFrame) -> str:
+    """'fail' if any site fails, else 'warn'/'overflow' if any, else 'pass'."""
+    v = set(df["verdict"])
+    for k in ("fail", "overflow", "warn"):
+        if k in v:
+            return k
+    return "pass"

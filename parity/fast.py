@@ -1,0 +1,706 @@
+"""The fast path (`--impl fast`): one torch implementation of the five families, with knobs.
+
+It is what people run, reproduced knob by knob (`parity/knobs.py`), over the same weights and
+the same sites as the float64 reference. Three ways to run the same code:
+
+- CUDA: the real kernels in the model dtype.
+- CPU emulation of CUDA half precision (default for fp16/bf16 on a CPU): tensors are physically
+  float32 holding values exactly representable in the half dtype; every op computes in fp32 and
+  its output is rounded (round to nearest even) exactly where a CUDA kernel writes its output.
+- native CPU half (`emulate=False`): torch's own CPU fp16/bf16 kernels.
+
+The one rule that makes this work is `Numerics.r(op(...), dtype)`: "this op writes its output in
+`dtype`". On real kernels the op already wrote that dtype and `r` is a no-op; under emulation
+`r` rounds. The op-by-op semantics are in `parity/EMULATION.md`.
+
+Per-layer API (mirrors the reference, so that a lockstep comparison can feed the reference's
+stream, rounded to the subject dtype, into one subject block):
+    model = FastModel(ckpt, knobs, "float16", "cpu")
+    ctx = model.prepare(inputs, past=None, sites=None)
+    h = model.embed(ctx);  h = model.block(ctx, i, h);  model.head(ctx, h)
+    trace = model.finish(ctx)          # or simply model.forward(inputs)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import reference
+from reference.ops import round_to
+from reference.sites import site_names
+from reference.trace import Recorder, Trace
+
+from .errors import ParityError
+from .knobs import TANH_GELUS, Knobs, parse_variant
+
+HALF = (torch.float16, torch.bfloat16)
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
+                 "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+MEGATRON_SQRT_2_OVER_PI = 0.79788456
+FUSION_NODES = ("prim::TensorExprGroup", "prim::TensorExprDynamicGroup", "prim::FusionGroup",
+                "prim::CudaFusionGroup")
+
+
+def dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    d = DTYPE_ALIASES.get(dtype, dtype)
+    if d not in TORCH_DTYPES:
+        raise ParityError(f"unknown dtype {dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
+    return d
+
+
+def resolve_device(device) -> torch.device:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParityError("device cuda: no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ParityError(f"unknown device {device!r} (cpu, cuda or auto)")
+    return dev
+
+
+# ----------------------------------------------------------------------------- the Megatron gelu
+def megatron_gelu_form(x: torch.Tensor, c: float) -> torch.Tensor:
+    """Megatron's op order, x 0.5 (1 + tanh(c x (1 + 0.044715 x x))), in whatever dtype x has."""
+    return x * 0.5 * (1.0 + torch.tanh(c * x * (1.0 + 0.044715 * x * x)))
+
+
+# Scripted copies (TorchScript needs the constants in the source). Megatron's
+# `fused_bias_gelu.py` is `@torch.jit.script` over exactly this expression.
+def _gelu_megatron_const(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_full_const(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5 * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+_SCRIPTED: dict[bool, Callable] = {}
+
+
+def scripted_gelu(megatron_constant: bool) -> Callable:
+    """torch.jit.script of the Megatron gelu, made on first use (scripting costs ~0.1 s)."""
+    if megatron_constant not in _SCRIPTED:
+        fn = _gelu_megatron_const if megatron_constant else _gelu_full_const
+        _SCRIPTED[megatron_constant] = torch.jit.script(fn)
+    return _SCRIPTED[megatron_constant]
+
+
+def graph_is_fused(graph) -> bool:
+    """Did the TorchScript executor put the ops in a fusion group (NNC / nvFuser / legacy)?"""
+    text = str(graph)
+    return any(k in text for k in FUSION_NODES)
+
+
+# ----------------------------------------------------------------------------- numerics
+class Numerics:
+    """Where results get rounded; see the module docstring and EMULATION.md."""
+
+    def __init__(self, dtype="float16", device="cpu", emulate: bool | None = None):
+        self.dtype = TORCH_DTYPES[dtype_name(dtype)]
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        half = self.dtype in HALF
+        self.emulate = half and (self.device.type == "cpu" if emulate is None else bool(emulate))
+        self.phys = torch.float32 if self.emulate else self.dtype  # physical dtype of a tensor
+        self.up = torch.float64 if self.dtype == torch.float64 else torch.float32  # never down
+        self._warm: set = set()
+        self.jit_fused: bool | None = None  # AND over the scripted-gelu calls made so far
+
+    # -- rounding and dtypes
+    def r(self, x: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
+        """The op that produced x writes its output in logical dtype `dt` (default: the model
+        dtype). Emulated halves are rounded (RNE) and kept as float32; otherwise a cast, which is
+        a no-op when the kernel already wrote that dtype."""
+        dt = dt or self.dtype
+        if self.emulate:
+            return x.to(dt).to(torch.float32) if dt in HALF else x.to(torch.float32)
+        return x.to(dt)
+
+    def upcast(self, x: torch.Tensor) -> torch.Tensor:
+        """An explicit `.float()` (or nothing, in float64): exact."""
+        return x.to(torch.float32 if self.emulate else self.up)
+
+    def c(self, value: float, dt: torch.dtype | None = None) -> float:
+        """A Python scalar as the kernel sees it: CUDA (and CPU) elementwise kernels of fp16,
+        bf16 and fp32 compute in fp32 ("opmath") and convert the scalar to fp32 once."""
+        dt = dt or self.dtype
+        return value if dt == torch.float64 else float(np.float32(value))
+
+    def tensor(self, a, dt: torch.dtype | None = None) -> torch.Tensor:
+        """Bring an array (NumPy or torch, any float dtype) into the subject: correctly rounded
+        to `dt` (default the model dtype), in the physical dtype, on the device. float64 goes
+        through `round_to` because torch converts float64 to half via float32 (two roundings)."""
+        dt = dt or self.dtype
+        t = torch.as_tensor(a)
+        if not t.is_floating_point():
+            return t.to(self.device)
+        if t.dtype == torch.float64 and dt in HALF:
+            t = torch.from_numpy(round_to(t.cpu().numpy(), dtype_name(dt)))
+        t = t.to(device=self.device)
+        return self.r(t.to(dt) if dt in HALF else t, dt)
+
+    # -- GEMMs: half inputs, fp32 accumulation, one rounding of the output
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               dt: torch.dtype | None = None) -> torch.Tensor:
+        """x (..., K) @ w (K, N) (+ bias), as HF's Conv1D `addmm(bias, x, W)` and nn.Linear
+        (`addmm(bias, x, W^T)` for contiguous input): the bias joins the fp32 accumulator before
+        the single rounding (cuBLAS epilogue / beta=1)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2, w) if bias is not None else torch.mm(x2, w)
+        return self.r(y, dt).reshape(*x.shape[:-1], w.shape[-1])
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, dt: torch.dtype | None = None):
+        return self.r(torch.matmul(a, b), dt)
+
+    def baddbmm(self, q: torch.Tensor, kT: torch.Tensor, alpha: float,
+                dt: torch.dtype | None = None) -> torch.Tensor:
+        """baddbmm(empty, q, k^T, beta=0, alpha) in q's dtype: alpha multiplies the fp32
+        accumulator before the one rounding (cuBLAS: D = alpha * acc)."""
+        dt = dt or self.dtype
+        if self.emulate:
+            return self.r(torch.matmul(q, kT) * self.c(alpha, torch.float32), dt)
+        b, h, t, hd = q.shape
+        tk = kT.shape[-1]
+        buf = torch.empty(b * h, t, tk, dtype=q.dtype, device=q.device)
+        s = torch.baddbmm(buf, q.reshape(b * h, t, hd), kT.reshape(b * h, hd, tk),
+                          beta=0, alpha=alpha)
+        return self.r(s.view(b, h, t, tk), dt)
+
+    def div(self, x: torch.Tensor, divisor: float, dt: torch.dtype | None = None):
+        """x / python_float. CUDA turns a division by a CPU scalar into a multiplication by its
+        fp32 reciprocal (`BinaryDivTrueKernel.cu`); the emulation does exactly that."""
+        dt = dt or self.dtype
+        if self.emulate:
+            inv = float(np.float32(1.0) / np.float32(divisor))
+            return self.r(x * inv, dt)
+        return self.r(x / divisor, dt)
+
+    # -- reductions: fp32 inside, one rounding of the output
+    def layer_norm(self, x, w, b, eps: float, fp32: bool = False):
+        """nn.LayerNorm; `fp32` = Megatron/GPTMeg's upcast LN (x, gamma, beta in fp32, result
+        cast back). CUDA's half LayerNorm is fp32 inside too, so both round once."""
+        d = (x.shape[-1],)
+        if fp32 and not self.emulate and self.dtype in HALF:
+            return self.r(F.layer_norm(x.float(), d, w.float(), b.float(), eps))
+        return self.r(F.layer_norm(x, d, w, b, eps))
+
+    def softmax(self, s: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        return self.r(torch.softmax(s, dim=-1), dt)
+
+    # -- elementwise pieces that need care
+    def pow3(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.pow(x, 3.0). For half, CUDA's kernel evaluates `base * base * base` in Half
+        arithmetic (`PowKernel.cu`): two roundings."""
+        if self.emulate:
+            return self.r(self.r(x * x) * x)
+        return self.r(torch.pow(x, 3.0))
+
+    def gelu(self, x: torch.Tensor, form: str, activation: str) -> torch.Tensor:
+        """The activation of the MLP, evaluated the way `form` (the gelu knob) says."""
+        r, c = self.r, self.c
+        if activation == "relu":
+            return r(F.relu(x))
+        if activation in ("silu", "swish"):
+            return r(F.silu(x))
+        if form == "erf":
+            return r(F.gelu(x))
+        if form == "torch_tanh":
+            return r(F.gelu(x, approximate="tanh"))
+        if form == "jit":
+            return self.jit_gelu(x, activation == "gelu_megatron")
+        # eager composite: every op writes a half tensor, in the source's op order
+        if activation == "gelu_megatron":  # Megatron's formula run eagerly
+            a = r(x * c(0.5))
+            inner = r(r(c(0.044715) * x) * x)
+            inner = r(r(c(MEGATRON_SQRT_2_OVER_PI) * x) * r(1.0 + inner))
+            return r(a * r(1.0 + r(torch.tanh(inner))))
+        if activation == "gelu_fast":  # HF FastGELU: 0.5 x (1 + tanh(x 0.7978845608 (1 + 0.044715 x x)))
+            a = r(c(0.5) * x)
+            inner = r(r(x * c(0.7978845608)) * r(1.0 + r(r(c(0.044715) * x) * x)))
+            return r(a * r(1.0 + r(torch.tanh(inner))))
+        # HF NewGELU (gelu_new, and 'tanh' forced on any tanh-form model):
+        # 0.5 * input * (1.0 + tanh(sqrt(2/pi) * (input + 0.044715 * pow(input, 3.0))))
+        a = r(c(0.5) * x)
+        inner = r(c(SQRT_2_OVER_PI) * r(x + r(c(0.044715) * self.pow3(x))))
+        return r(a * r(1.0 + r(torch.tanh(inner))))
+
+    def jit_gelu(self, x: torch.Tensor, megatron_constant: bool) -> torch.Tensor:
+        """The scripted Megatron gelu. Fused (NNC / nvFuser on CUDA) it computes in fp32 and
+        rounds once; the emulation does that. Real runs warm the profiling executor up on each
+        new input signature (the first calls run unfused, pytorch #80606) and record whether a
+        fusion group was really used."""
+        const = MEGATRON_SQRT_2_OVER_PI if megatron_constant else SQRT_2_OVER_PI
+        if self.emulate:
+            return self.r(megatron_gelu_form(x, self.c(const, torch.float32)))
+        fn = scripted_gelu(megatron_constant)
+        key = (tuple(x.shape), x.dtype, str(x.device), megatron_constant)
+        if key not in self._warm:
+            for _ in range(3):
+                fn(x)
+            self._warm.add(key)
+        y = fn(x)
+        fused = graph_is_fused(torch.jit.last_executed_optimized_graph())
+        self.jit_fused = fused if self.jit_fused is None else (self.jit_fused and fused)
+        return self.r(y)
+
+
+# ----------------------------------------------------------------------------- family layouts
+def _scale_gpt2(cfg, i):
+    """(multiplier, divisor) of the scores; HF v5 multiplies by head_dim**-0.5 / (layer + 1)."""
+    mul, div = 1.0, 1.0
+    if cfg.scale_attn_weights:
+        mul, div = cfg.head_dim ** -0.5, math.sqrt(cfg.head_dim)
+    if cfg.scale_attn_by_inverse_layer_idx:
+        mul, div = mul / float(i + 1), div * (i + 1)
+    return (mul, div) if (cfg.scale_attn_weights or cfg.scale_attn_by_inverse_layer_idx) else None
+
+
+def _scale_sqrt(cfg, i):
+    return cfg.head_dim ** -0.5, math.sqrt(cfg.head_dim)
+
+
+def _scale_none(cfg, i):
+    return None  # GPT-Neo: no scaling at all
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each family keeps its weights and how its block is wired (MODEL_NOTES.md)."""
+
+    tok: str
+    pos: str | None
+    conv1d: bool  # Conv1D [in, out] (addmm) vs nn.Linear [out, in]
+    qkv: tuple[str, ...]  # one fused c_attn (with bias) or q/k/v projections (no bias)
+    out_proj: str
+    out_bias: bool
+    fc_in: str
+    fc_out: str
+    block: str  # pre | post | parallel
+    ln_f: bool
+    scale: Callable
+    rotary: bool = False
+
+
+GPT2_LAYOUT = Layout("wte", "wpe", True, ("attn.c_attn",), "attn.c_proj", True, "mlp.c_fc",
+                     "mlp.c_proj", "pre", True, _scale_gpt2)
+LAYOUTS = {
+    "gpt2": GPT2_LAYOUT,
+    "gptmeg": GPT2_LAYOUT,
+    "openai-gpt": Layout("tokens_embed", "positions_embed", True, ("attn.c_attn",),
+                         "attn.c_proj", True, "mlp.c_fc", "mlp.c_proj", "post", False,
+                         _scale_sqrt),
+    "gpt_neo": Layout("wte", "wpe", False, ("attn.attention.q_proj", "attn.attention.k_proj",
+                                            "attn.attention.v_proj"),
+                      "attn.attention.out_proj", True, "mlp.c_fc", "mlp.c_proj", "pre", True,
+                      _scale_none),
+    "gptj": Layout("wte", None, False, ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                   "attn.out_proj", False, "mlp.fc_in", "mlp.fc_out", "parallel", True,
+                   _scale_sqrt, rotary=True),
+}
+
+
+# ----------------------------------------------------------------------------- context
+@dataclass
+class FastContext:
+    """Per-forward state: inputs on the device, masks, past/present cache, the trace."""
+
+    trace: Trace
+    rec: Recorder
+    ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    q_index: torch.Tensor  # (T,) absolute indices of the new tokens
+    key_mask: torch.Tensor | None  # (B, T_past + T) bool, or None
+    past: list | None  # per layer (k, v) subject tensors (B, H, T_past, hd)
+    to_numpy: Callable
+    present: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    _visible: dict = field(default_factory=dict)
+    _wants: dict = field(default_factory=dict)
+    _sincos: tuple | None = None
+
+    def wants(self, name: str) -> bool:
+        if name not in self._wants:
+            self._wants[name] = self.rec.wants(name)
+        return self._wants[name]
+
+    def site(self, name: str, x: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
+        """Record a float64 copy of the subject's value (if the site is selected)."""
+        if self.wants(name):
+            self.trace.sites[name] = self.to_numpy(x)
+            self.trace.dtypes[name] = dtype_name(dt) if dt is not None else self.trace.meta["dtype"]
+        return x
+
+    @property
+    def past_len(self) -> int:
+        return 0 if not self.past else int(self.past[0][0].shape[2])
+
+
+# ----------------------------------------------------------------------------- the model
+class FastModel:
+    """One torch implementation of the five families, numerics chosen by `knobs`."""
+
+    def __init__(self, ckpt, knobs: Knobs | str | None = None, dtype="float16", device="cpu",
+                 emulate: bool | None = None, cache_weights: bool = True,
+                 variant: str | None = None):
+        self.ckpt, self.cfg = ckpt, ckpt.config
+        self.family = self.cfg.family
+        if self.family not in LAYOUTS:
+            raise ParityError(f"fast path: no layout for family {self.family!r}")
+        self.layout = LAYOUTS[self.family]
+        if knobs is None or isinstance(knobs, str):
+            variant = variant or knobs or "hf"
+            knobs = parse_variant(variant, self.family, self.cfg)
+        self.knobs = knobs
+        self.variant = variant or knobs.describe()
+        dtype = knobs.force_dtype or dtype_name(dtype)
+        self.num = Numerics(dtype, resolve_device(device), emulate)
+        self.dtype = self.num.dtype
+        self.cache_weights = cache_weights
+        self._w: dict[str, torch.Tensor] = {}
+        self._rotary_table: dict = {}
+
+    # -- weights: read lazily from the checkpoint, converted to the subject dtype
+    def w(self, name: str) -> torch.Tensor:
+        if name in self._w:
+            return self._w[name]
+        t = self.num.tensor(self.ckpt.tensor(name))
+        if self.cache_weights:
+            self._w[name] = t
+        return t
+
+    def _has(self, name: str) -> bool:
+        return self.ckpt.has(name)
+
+    # -- inputs
+    def prepare(self, inputs, past=None, sites=None) -> FastContext:
+        """Inputs (parity.inputs.Inputs or anything with input_ids / attention_mask /
+        position_ids) and an optional past cache in the reference layout (per layer (k, v)
+        float64 arrays (B, H, T_past, hd)) -> the context the per-layer methods use."""
+        ids = np.asarray(getattr(inputs, "input_ids", inputs), dtype=np.int64)
+        if ids.ndim != 2:
+            raise ParityError(f"input_ids must be [B, T], got shape {list(ids.shape)}")
+        b, t = ids.shape
+        past_t = None
+        if past:
+            if len(past) != self.cfg.n_layer:
+                raise ParityError(f"past has {len(past)} layers, the model {self.cfg.n_layer}")
+            past_t = [(self.num.tensor(k), self.num.tensor(v)) for k, v in past]
+        past_len = 0 if not past_t else int(past_t[0][0].shape[2])
+        pos = getattr(inputs, "position_ids", None)
+        if pos is None:
+            pos = np.broadcast_to(np.arange(past_len, past_len + t), (b, t))
+        pos = np.asarray(pos, dtype=np.int64)
+        if pos.shape != (b, t):
+            raise ParityError(f"position_ids has shape {list(pos.shape)}, expected {[b, t]}")
+        if pos.min() < 0 or pos.max() >= self.cfg.n_positions:
+            raise ParityError(f"position ids must lie in [0, {self.cfg.n_positions})")
+        mask = getattr(inputs, "attention_mask", None)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.int64)
+            if mask.shape != (b, past_len + t):
+                raise ParityError(f"attention_mask has shape {list(mask.shape)}, expected "
+                                  f"{[b, past_len + t]} (past plus new tokens)")
+        trace = Trace(family=self.family, input_ids=ids, attention_mask=mask,
+                      position_ids=pos, meta=self.meta())
+        dev = self.num.device
+        return FastContext(
+            trace=trace,
+            rec=Recorder(trace, sites),
+            ids=torch.as_tensor(ids, device=dev),
+            position_ids=torch.as_tensor(pos, device=dev),
+            q_index=torch.arange(past_len, past_len + t, device=dev),
+            key_mask=None if mask is None else torch.as_tensor(mask != 0, device=dev),
+            past=past_t,
+            to_numpy=self.to_numpy,
+        )
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        """float64 copy of a subject tensor (exact: every subject value is a float64 value)."""
+        return x.detach().to("cpu", torch.float64).numpy()
+
+    def meta(self) -> dict[str, str]:
+        num = self.num
+        dev = str(num.device)
+        if num.device.type == "cuda":
+            dev += f" ({torch.cuda.get_device_name(num.device)})"
+        return {
+            "impl": "fast",
+            "producer": f"gpt-parity fast ({self.variant}, {dtype_name(self.dtype)}, "
+                        f"{num.device}{', emulated' if num.emulate else ''})",
+            "variant": self.variant,
+            "knobs": self.knobs.describe(),
+            "dtype": dtype_name(self.dtype),
+            "device": dev,
+            "emulate": "on" if num.emulate else "off",
+            "jit_fused": self._jit_state(),
+            "torch": torch.__version__,
+        }
+
+    def _jit_state(self) -> str:
+        if self.knobs.gelu != "jit" or self.cfg.activation not in TANH_GELUS:
+            return "n.a."
+        if self.num.emulate:
+            return "emulated"
+        return "n.a." if self.num.jit_fused is None else str(self.num.jit_fused).lower()
+
+    # -- masks
+    def visible(self, ctx: FastContext, i: int) -> torch.Tensor:
+        """Bool (B or 1, 1, T, T_k): causal, GPT-Neo's window on local layers, real keys only.
+        A query row that sees nothing (a padded query) is opened to every key, so that it stays
+        finite; such rows are never compared (the reference gives them probabilities 0)."""
+        kind = self.cfg.layer_kind(i)
+        if kind not in ctx._visible:
+            tk = ctx.past_len + ctx.ids.shape[1]
+            qi = ctx.q_index[:, None]
+            j = torch.arange(tk, device=qi.device)[None, :]
+            vis = j <= qi
+            if kind == "local":
+                vis = vis & ((qi - j) < self.cfg.window_size)
+            vis = vis[None, None]
+            if ctx.key_mask is not None:
+                vis = vis & ctx.key_mask[:, None, None, :]
+            vis = vis | ~vis.any(dim=-1, keepdim=True)
+            ctx._visible[kind] = vis
+        return ctx._visible[kind]
+
+    def _causal_only(self, ctx: FastContext, i: int) -> bool:
+        """sdpa may use is_causal=True: no padding, no past, not a windowed layer."""
+        return (ctx.key_mask is None or bool(ctx.key_mask.all())) and not ctx.past \
+            and self.cfg.layer_kind(i) == "global"
+
+    def fill(self, dt: torch.dtype) -> float:
+        """The masked-score value of the mask_fill knob, as the scores' dtype holds it."""
+        f = self.knobs.mask_fill
+        v = torch.finfo(dt).min if f == "finfo_min" else {"-1e4": -1e4, "-1e9": -1e9,
+                                                            "-inf": -math.inf}[f]
+        return float(torch.tensor(v, dtype=torch.float64).to(dt))
+
+    # -- pieces
+    def layer_norm(self, x, prefix: str):
+        return self.num.layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"),
+                                   self.cfg.layer_norm_epsilon,
+                                   fp32=self.knobs.layernorm == "fp32")
+
+    def proj(self, x, prefix: str, bias: bool = True):
+        """Conv1D (weight [in, out]) or nn.Linear (weight [out, in]) of this family."""
+        w = self.w(prefix + ".weight")
+        return self.num.linear(x, w if self.layout.conv1d else w.t(),
+                               self.w(prefix + ".bias") if bias else None)
+
+    def embed(self, ctx: FastContext, ids=None) -> torch.Tensor:
+        ids = ctx.ids if ids is None else torch.as_tensor(np.asarray(ids), device=ctx.ids.device)
+        h = F.embedding(ids, self.w(self.layout.tok + ".weight"))
+        if self.layout.pos is not None:
+            h = self.num.r(h + F.embedding(ctx.position_ids, self.w(self.layout.pos + ".weight")))
+        return ctx.site("embed", h)
+
+    def _stream(self, h) -> torch.Tensor:
+        if isinstance(h, torch.Tensor) and h.dtype == self.num.phys and h.device == self.num.device:
+            return h
+        return self.num.tensor(h)
+
+    def block(self, ctx: FastContext, i: int, h) -> torch.Tensor:
+        """One block. `h` may be a subject tensor or any array (e.g. the reference's float64
+        stream), which is rounded to the subject dtype first."""
+        h = self._stream(h)
+        s, p, r = f"blocks.{i}.", f"h.{i}.", self.num.r
+        kind = self.layout.block
+        if kind == "pre":
+            a = self.attention(ctx, i, ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1")))
+            h = ctx.site(s + "resid_mid", r(a + h))  # HF: attn_output + residual
+            m = self.mlp(ctx, i, ctx.site(s + "ln_2", self.layer_norm(h, p + "ln_2")))
+            return ctx.site(s + "resid_post", r(h + m))  # HF: residual + feed_forward
+        if kind == "post":
+            a = self.attention(ctx, i, h)
+            n = ctx.site(s + "resid_mid", r(h + a))
+            n = ctx.site(s + "ln_1", self.layer_norm(n, p + "ln_1"))
+            m = self.mlp(ctx, i, n)
+            h = ctx.site(s + "resid_post", r(n + m))
+            return ctx.site(s + "ln_2", self.layer_norm(h, p + "ln_2"))
+        x = ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1"))  # parallel (GPT-J)
+        a = self.attention(ctx, i, x)
+        m = self.mlp(ctx, i, x)
+        return ctx.site(s + "resid_post", r(r(a + m) + h))  # HF: attn + ff + residual
+
+    def mlp(self, ctx: FastContext, i: int, x) -> torch.Tensor:
+        s, p = f"blocks.{i}.mlp.", f"h.{i}."
+        a = ctx.site(s + "fc_in", self.proj(x, p + self.layout.fc_in))
+        a = ctx.site(s + "act", self.num.gelu(a, self.knobs.gelu, self.cfg.activation))
+        return ctx.site(s + "out", self.proj(a, p + self.layout.fc_out))
+
+    def attention(self, ctx: FastContext, i: int, x) -> torch.Tensor:
+        cfg, lay, p = self.cfg, self.layout, f"h.{i}."
+        b, t, d = x.shape
+        H, hd = cfg.n_head, cfg.head_dim
+        if len(lay.qkv) == 1:
+            q, k, v = self.proj(x, p + lay.qkv[0]).split(d, dim=-1)
+        else:
+            q, k, v = (self.proj(x, p + name, bias=False) for name in lay.qkv)
+        q, k, v = (z.reshape(b, t, H, hd) for z in (q, k, v))
+        if lay.rotary:
+            q, k = self.rotary(ctx, q), self.rotary(ctx, k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        context = self.attend(ctx, i, q, k, v)
+        return ctx.site(f"blocks.{i}.attn.out",
+                        self.proj(context, p + lay.out_proj, bias=lay.out_bias))
+
+    def attend(self, ctx: FastContext, i: int, q, k, v) -> torch.Tensor:
+        """Scores, mask, softmax, P.V under the knobs; records q/k/v/scores/probs/context and
+        returns the merged context (B, T, d)."""
+        kn, num, pre = self.knobs, self.num, f"blocks.{i}.attn."
+        ctx.site(pre + "q", q)
+        ctx.site(pre + "k", k)
+        ctx.site(pre + "v", v)
+        if ctx.past:
+            pk, pv = ctx.past[i]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        ctx.present[i] = (k, v)
+        scale = self.layout.scale(self.cfg, i)  # (multiplier, divisor) or None
+        vis = self.visible(ctx, i)
+        if kn.attn_scores == "sdpa":
+            out = self._sdpa(ctx, i, q, k, v, 1.0 if scale is None else scale[0], vis)
+        else:
+            qs, ks, sdt = q, k, self.dtype
+            if kn.attn_upcast:
+                qs, ks, sdt = num.upcast(q), num.upcast(k), num.up
+            kT = ks.transpose(-1, -2)
+            if kn.attn_scores == "baddbmm":
+                alpha = 1.0 if scale is None else scale[0]
+                if kn.qk_layer_scaling:
+                    alpha = alpha / float(i + 1)
+                s = num.baddbmm(qs, kT, alpha, sdt)
+            else:
+                s = num.matmul(qs, kT, sdt)
+                if scale is not None:
+                    s = (num.div(s, scale[1], sdt) if kn.scale_op == "div"
+                         else num.r(s * num.c(scale[0], sdt), sdt))
+            if kn.qk_layer_scaling:  # FusedScaleMaskSoftmax: fp32, times the layer number
+                s, sdt = num.r(num.upcast(s) * float(i + 1), num.up), num.up
+            s = torch.where(vis, s, self.fill(sdt))
+            ctx.site(pre + "scores", s, sdt)
+            if kn.softmax == "fp32" and sdt in HALF:
+                s, sdt = num.upcast(s), num.up
+            probs = num.r(num.softmax(s, sdt), self.dtype)  # then cast to v's dtype
+            ctx.site(pre + "probs", probs)
+            out = num.matmul(probs, v)
+        b, h, t, hd = out.shape
+        return ctx.site(pre + "context", out.transpose(1, 2).reshape(b, t, h * hd))
+
+    def _sdpa(self, ctx, i, q, k, v, scale: float, vis) -> torch.Tensor:
+        """torch's fused attention. Emulated: scores and probabilities stay fp32 (never rounded),
+        the output is rounded once. Real kernels: the kernel's output; the scores/probs sites
+        (if asked for) are recomputed in fp32, which is what the fused kernel holds inside."""
+        num, pre = self.num, f"blocks.{i}.attn."
+        want = ctx.wants(pre + "scores") or ctx.wants(pre + "probs")
+        out = None
+        if not num.emulate:
+            causal = self._causal_only(ctx, i)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else vis,
+                                                 is_causal=causal, scale=scale)
+            out = num.r(out)
+        if num.emulate or want:
+            qs, ks, vs = num.upcast(q), num.upcast(k), num.upcast(v)
+            s = torch.matmul(qs, ks.transpose(-1, -2)) * num.c(scale, num.up)
+            s = torch.where(vis, s, -math.inf)
+            ctx.site(pre + "scores", s, num.up)
+            probs = torch.softmax(s, dim=-1)
+            ctx.site(pre + "probs", probs, num.up)
+            if out is None:
+                out = num.r(torch.matmul(probs, vs))
+        return out
+
+    def rotary(self, ctx: FastContext, x: torch.Tensor) -> torch.Tensor:
+        """GPT-J interleaved rotary on the first rotary_dim dims of each head. x: (B, T, H, hd).
+        native (HF): sin/cos cast to x's dtype, (x*cos) + (rotate_every_two(x)*sin), each op
+        rounded; fp32: computed in fp32, rounded once."""
+        R, num = self.cfg.rotary_dim, self.num
+        sin, cos = self._sincos(ctx)  # (B, T, 1, R) in the compute precision
+        rot, rest = x[..., :R], x[..., R:]
+        if self.knobs.rotary == "fp32":
+            ru = num.upcast(rot)
+            y = num.r(ru * cos + _rotate_every_two(ru) * sin)
+        else:
+            y = num.r(num.r(rot * cos) + num.r(_rotate_every_two(rot) * sin))
+        return torch.cat([y, rest], dim=-1)
+
+    def _sincos(self, ctx: FastContext):
+        if ctx._sincos is None:
+            sin, cos = self.rotary_table()
+            pos = ctx.position_ids.cpu()
+            sin, cos = sin[pos], cos[pos]  # (B, T, R/2)
+            if self.knobs.rotary == "native":  # HF: embed_positions[pos].to(x.dtype)
+                sin, cos = self.num.tensor(sin), self.num.tensor(cos)
+            else:
+                sin, cos = (z.to(self.num.device, self.num.phys if self.dtype == torch.float64
+                                 else torch.float32) for z in (sin, cos))
+            sin, cos = (torch.repeat_interleave(z[:, :, None, :], 2, dim=3) for z in (sin, cos))
+            ctx._sincos = (sin, cos)
+        return ctx._sincos
+
+    def rotary_table(self):
+        """HF's `create_sinusoidal_positions`, in fp32 (float64 when the model runs in
+        float64, where it must be exact): rows = positions, columns = R/2 frequencies."""
+        if not self._rotary_table:
+            n, R = self.cfg.n_positions, self.cfg.rotary_dim
+            if self.dtype == torch.float64:
+                s, c = reference.ops.rotary_sin_cos(np.arange(n), R)
+                sin, cos = torch.from_numpy(s[:, 0::2].copy()), torch.from_numpy(c[:, 0::2].copy())
+            else:
+                inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.int64) / R))
+                inp = torch.arange(n, dtype=torch.int64).float()[:, None] * inv_freq
+                sin, cos = torch.sin(inp), torch.cos(inp)
+            self._rotary_table.update(sin=sin, cos=cos)
+        return self._rotary_table["sin"], self._rotary_table["cos"]
+
+    def head(self, ctx: FastContext, h) -> torch.Tensor:
+        h = self._stream(h)
+        if self.layout.ln_f:
+            h = ctx.site("ln_f", self.layer_norm(h, "ln_f"))
+        tied = self.cfg.tie_word_embeddings
+        w = self.w(self.layout.tok + ".weight" if tied else "lm_head.weight")
+        bias = self.w("lm_head.bias") if self._has("lm_head.bias") else None
+        ctx.logits = ctx.site("logits", self.num.linear(h, w.t(), bias))
+        return ctx.logits
+
+    def finish(self, ctx: FastContext) -> Trace:
+        """Logits last, the present cache as float64 arrays, the final meta."""
+        tr = ctx.trace
+        tr.sites.pop("logits", None)
+        tr.sites["logits"] = self.to_numpy(ctx.logits)
+        tr.dtypes["logits"] = dtype_name(self.dtype)
+        tr.cache = [tuple(self.to_numpy(z) for z in ctx.present[i]) for i in sorted(ctx.present)]
+        tr.meta.update(self.meta())
+        return tr
+
+    @torch.no_grad()
+    def forward(self, inputs, sites=None, past=None) -> Trace:
+        ctx = self.prepare(inputs, past=past, sites=sites)
+        h = self.embed(ctx)
+        for i in range(self.cfg.n_layer):
+            h = self.block(ctx, i, h)
+        self.head(ctx, h)
+        return self.finish(ctx)
+
+    def site_names(self) -> list[str]:
+        return site_names(self.family, self.cfg.n_layer)
+
+
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): exact (negation and moves only)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def run(ckpt, inputs, variant: str | None = "hf", dtype="float16", device="cpu",
+        emulate: bool | None = None, sites=None, past=None) -> Trace:
+    """Entry point used by `parity.subjects.run` / `parity trace --impl fast`."""
+    model = FastModel(ckpt, variant or "hf", dtype=dtype, device=device, emulate=emulate)
+    return model.forward(inputs, sites=sites, past=past)

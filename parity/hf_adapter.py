@@ -1,0 +1,509 @@
+"""The transformers adapter (`--impl hf`, extra `hf`): a checkpoint run by Hugging Face
+`transformers` itself, its activations captured with forward hooks under the site names of
+DESIGN.md.
+
+    trace = run(ckpt, inputs, dtype="float16", attn_implementation="eager")
+
+What it does, and why:
+- Loads the whole model (`from_pretrained`, `local_files_only=True`) in the requested dtype,
+  device and attention implementation (default "eager", the only one that exposes scores and
+  probabilities). A weight the file lacks is an error, never a random init.
+- GPTMeg (model_type "gptmeg") is not in transformers. It is loaded as GPT-2 from the same
+  config.json, with the parts of the GPTMeg branch (HF PR #14084, MODEL_NOTES section 5) that can
+  be installed without touching transformers' code:
+    (b) Megatron's gelu x*0.5*(1+tanh(0.79788456*x*(1+0.044715*x*x))) as the MLP activation when
+        the config says "gelu_megatron". TorchScript is deprecated here and runs unfused on a CPU
+        anyway, so it is evaluated eagerly: op by op, each op rounded (no CUDA fusion);
+    (a) LayerNorm computed on fp32 copies of x, gain and bias and cast back, for fp16 inputs only
+        (every LayerNorm of the model, ln_f included);
+    (c) the `baddbmm` attention of Megatron-DeepSpeed's `apply_overrides` (scores =
+        baddbmm(beta=0, alpha=1/sqrt(hd)) in q's dtype, softmax in that dtype), registered through
+        transformers' public AttentionInterface, only with attn_implementation="baddbmm". The
+        default "eager" is GPT-2's matmul-then-scale, which is what the stored GPTMeg
+        modeling_gptmeg.py `_attn` does. Masked entries hold v5's finfo.min, not GPTMeg's -1e4:
+        visible probabilities are the same (both underflow to exactly 0).
+- Sites are read where transformers materialises them (table `TAPS`): module outputs and inputs,
+  the new rows of the KV cache the model returns (attn.k / attn.v; for GPT-J that is k after
+  rotary), and the input of the attention's softmax (attn.scores, eager only), caught by a
+  TorchFunctionMode that is active only inside the attention module. `HF_SITES[family]` lists
+  what is exposed; GPT-J's q after rotary never leaves its attention function, so GPT-J has no
+  attn.q. With attn_implementation "sdpa" there are no scores and no probabilities.
+- Values are the HF tensors converted to float64 NumPy exactly; `trace.dtypes` keeps the dtype
+  that produced each (GPT-Neo's and GPT-J's scores are float32 in a half model: HF upcasts them).
+  Masked score entries keep HF's fill value (finfo.min), not -inf; they never count.
+- Inputs pass through unchanged: attention_mask (an all-ones mask when none is given, which also
+  keeps v5 from reading explicit position ids as packed sequences), position_ids, and `past` in
+  the reference layout (per layer (k, v), (B, H, T_past, hd)) as a DynamicCache.
+  `trace.cache` comes back in the same layout. OpenAI GPT has no cache in transformers: its
+  `trace.cache` is built from its c_attn output, and a `past` is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+import reference
+from reference.sites import BLOCK_SITES, site_names
+from reference.trace import Recorder, Trace
+
+from .errors import ParityError
+
+INSTALL_HINT = "install the 'hf' extra: pip install gpt-parity[hf]"
+NOTE = "loads the whole model"
+GPTMEG_BADDBMM = "gpt_parity_gptmeg_baddbmm"  # the name registered with transformers
+
+# How a site is read off a module: its output (first element of a tuple), its first input, its
+# second output (attention weights), q / k / v thirds of a fused c_attn output split into heads,
+# an output split into heads, the input of the softmax inside it, or the new rows of the cache.
+OUT, IN, WEIGHTS, HEADS, SOFTMAX_IN = "out", "in", "weights", "heads", "softmax_in"
+QKV = ("qkv0", "qkv1", "qkv2")
+CACHE_K, CACHE_V = ("", "cache_k"), ("", "cache_v")
+
+_GPT2 = {
+    "ln_1": ("ln_1", OUT),
+    "attn.q": ("attn.c_attn", QKV[0]),
+    "attn.k": CACHE_K,
+    "attn.v": CACHE_V,
+    "attn.scores": ("attn", SOFTMAX_IN),
+    "attn.probs": ("attn", WEIGHTS),
+    "attn.context": ("attn.c_proj", IN),
+    "attn.out": ("attn.c_proj", OUT),
+    "resid_mid": ("ln_2", IN),
+    "ln_2": ("ln_2", OUT),
+    "mlp.fc_in": ("mlp.c_fc", OUT),
+    "mlp.act": ("mlp.c_proj", IN),
+    "mlp.out": ("mlp.c_proj", OUT),
+    "resid_post": ("", OUT),
+}
+# Where each block site is read, per family: (module path inside block i, how).
+TAPS: dict[str, dict[str, tuple[str, str]]] = {
+    "gpt2": _GPT2,
+    "gptmeg": _GPT2,
+    "openai-gpt": {  # post-LN; no cache in transformers, so k and v come from c_attn
+        **_GPT2,
+        "attn.k": ("attn.c_attn", QKV[1]),
+        "attn.v": ("attn.c_attn", QKV[2]),
+        "resid_mid": ("ln_1", IN),
+        "ln_1": ("ln_1", OUT),
+        "resid_post": ("ln_2", IN),
+        "ln_2": ("", OUT),
+    },
+    "gpt_neo": {
+        **_GPT2,
+        "attn.q": ("attn.attention.q_proj", HEADS),
+        "attn.scores": ("attn.attention", SOFTMAX_IN),
+        "attn.probs": ("attn.attention", WEIGHTS),
+        "attn.context": ("attn.attention.out_proj", IN),
+        "attn.out": ("attn.attention.out_proj", OUT),
+    },
+    "gptj": {  # parallel block; q after rotary is not reachable (see module docstring)
+        "ln_1": ("ln_1", OUT),
+        "attn.k": CACHE_K,
+        "attn.v": CACHE_V,
+        "attn.scores": ("attn", SOFTMAX_IN),
+        "attn.probs": ("attn", WEIGHTS),
+        "attn.context": ("attn.out_proj", IN),
+        "attn.out": ("attn.out_proj", OUT),
+        "mlp.fc_in": ("mlp.fc_in", OUT),
+        "mlp.act": ("mlp.fc_out", IN),
+        "mlp.out": ("mlp.fc_out", OUT),
+        "resid_post": ("", OUT),
+    },
+}
+# The block sites the adapter exposes per family with eager attention, in execution order.
+HF_SITES = {f: tuple(k for k in BLOCK_SITES[f] if k in TAPS[f]) for f in BLOCK_SITES}
+EAGER_ONLY = ("attn.scores", "attn.probs")  # need the softmax and the weights of eager attention
+# attention implementations per family ("baddbmm": GPTMeg's override, registered by us)
+ATTN_IMPLEMENTATIONS = {
+    "gpt2": ("eager", "sdpa"), "gptmeg": ("eager", "baddbmm", "sdpa"), "openai-gpt": ("eager",),
+    "gpt_neo": ("eager",), "gptj": ("eager", "sdpa"),
+}
+EAGER_LIKE = ("eager", "baddbmm")
+
+
+def exposed_sites(family: str, n_layer: int, attn_implementation: str = "eager") -> list[str]:
+    """The site names a trace from this adapter can hold, in order (embed, blocks, ln_f, logits)."""
+    kinds = set(HF_SITES[family])
+    if attn_implementation not in EAGER_LIKE:
+        kinds -= set(EAGER_ONLY)
+    return [s for s in site_names(family, n_layer) if not s.startswith("blocks.")
+            or s.split(".", 2)[2] in kinds]
+
+
+# ------------------------------------------------------------------------------------- loading
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ParityError(f"--impl hf needs transformers, which is not installed ({e}); "
+                          f"{INSTALL_HINT}") from None
+    return transformers
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = (v.split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+def load(ckpt, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None):
+    """The checkpoint as a transformers causal LM in eval mode, on `device`, in `dtype`.
+    Returns (model, attn_implementation actually used)."""
+    transformers = import_transformers()
+    family = ckpt.config.family
+    impl = attn_implementation or "eager"
+    if impl not in ATTN_IMPLEMENTATIONS[family]:
+        raise ParityError(
+            f"--impl hf: attention implementation {impl!r} is not available for {family} in this "
+            f"adapter (choose from {', '.join(ATTN_IMPLEMENTATIONS[family])})")
+    tdtype = getattr(torch, dtype)
+    kw = {"dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype": tdtype}
+    kw.update(local_files_only=True, output_loading_info=True,
+              attn_implementation=GPTMEG_BADDBMM if impl == "baddbmm" else impl)
+    try:
+        with _quiet(transformers):
+            if family == "gptmeg":
+                if impl == "baddbmm":
+                    _register_gptmeg_attention(transformers)
+                config = transformers.GPT2Config(**_gpt2_fields(ckpt.config))
+                model, info = transformers.GPT2LMHeadModel.from_pretrained(
+                    str(ckpt.path), config=config, **kw)
+            else:
+                model, info = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt.path), **kw)
+    except ParityError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' own message, on one line
+        raise ParityError(f"{ckpt.path}: transformers {transformers.__version__} cannot load it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [k for k in info.get("missing_keys", ()) if not _tied(model, k)]
+    bad = list(info.get("mismatched_keys", ()))
+    if missing or bad:
+        raise ParityError(f"{ckpt.path}: transformers would run with weights it did not load "
+                          f"(missing {missing[:4]}, mismatched {bad[:4]})")
+    if family == "gptmeg":
+        install_gptmeg(model, ckpt.config)
+    return model.to(device).eval(), impl
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No loading progress bar on the terminal of a `parity trace`."""
+    log = transformers.utils.logging
+    was = log.is_progress_bar_enabled()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            log.enable_progress_bar()
+
+
+def _tied(model, key: str) -> bool:
+    return key.startswith("lm_head.") and bool(getattr(model.config, "tie_word_embeddings", True))
+
+
+def _gpt2_fields(cfg) -> dict:
+    """GPTMeg's config.json as GPT-2 config fields: GPT2Config is what the GPTMeg branch copied;
+    its gelu is installed afterwards (transformers has no 'gelu_megatron')."""
+    d = {k: v for k, v in cfg.raw.items() if k not in ("model_type", "architectures", "auto_map")}
+    d["activation_function"] = "gelu_new" if cfg.activation == "gelu_megatron" else cfg.activation
+    d["architectures"] = ["GPT2LMHeadModel"]
+    return d
+
+
+def install_gptmeg(model, cfg) -> None:
+    """GPTMeg's module overrides (a) and (b) on a GPT-2 model (module docstring)."""
+    for block in model.transformer.h:
+        if cfg.activation == "gelu_megatron":
+            block.mlp.act = MegatronGelu()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                setattr(parent, name, Fp32LayerNorm.wrap(child))
+
+
+class MegatronGelu(nn.Module):
+    """Megatron's gelu, constant 0.79788456 (MODEL_NOTES section 5b), evaluated op by op."""
+
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """GPTMeg's upcast LayerNorm: an fp16 input is normalised as fp32 copies of x, gain and bias,
+    and the result rounded to fp16 once; any other dtype is a plain LayerNorm."""
+
+    @classmethod
+    def wrap(cls, ln: nn.LayerNorm) -> "Fp32LayerNorm":
+        new = cls.__new__(cls)
+        new.__dict__.update(ln.__dict__)  # the same parameters, shape and eps
+        return new
+
+    def forward(self, x):
+        if x.dtype != torch.float16:
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def _register_gptmeg_attention(transformers) -> None:
+    """GPTMeg's baddbmm attention under our own name, with the eager mask (public HF API)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    transformers.AttentionInterface.register(GPTMEG_BADDBMM, _gptmeg_attention)
+    AttentionMaskInterface.register(GPTMEG_BADDBMM, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _gptmeg_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    """MODEL_NOTES section 5c: scores = baddbmm(empty in q's dtype, Q, K^T, beta=0,
+    alpha=1/sqrt(hd)), then /(layer_idx+1) if configured, mask, softmax in the scores' dtype."""
+    b, h, tq, hd = query.shape
+    tk = key.shape[2]
+    buf = torch.empty(b * h, tq, tk, dtype=query.dtype, device=query.device)
+    s = torch.baddbmm(buf, query.reshape(b * h, tq, hd), key.transpose(-1, -2).reshape(b * h, hd, tk),
+                      beta=0, alpha=1.0 / math.sqrt(hd)).view(b, h, tq, tk)
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        s = s / float(module.layer_idx + 1)
+    if attention_mask is not None:
+        s = s + attention_mask
+    p = F.softmax(s, dim=-1).to(value.dtype)
+    return torch.matmul(p, value).transpose(1, 2), p
+
+
+# ------------------------------------------------------------------------------------- capture
+def run(ckpt, inputs, dtype: str = "float32", device: str = "cpu", sites=None,
+        attn_implementation: str | None = None, past=None) -> Trace:
+    """Load the checkpoint with transformers and return the trace of one forward pass."""
+    model, impl = load(ckpt, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return capture(model, ckpt.config, inputs, sites=sites, past=past, attn_implementation=impl)
+
+
+def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str = "eager") -> Trace:
+    """One forward pass of a loaded model (from `load`), with the requested sites captured."""
+    transformers = import_transformers()
+
+    family = cfg.family
+    ids = np.asarray(inputs.input_ids, dtype=np.int64)
+    b, t = ids.shape
+    if past is not None and family == "openai-gpt":
+        raise ParityError("--impl hf: OpenAI GPT has no key/value cache in transformers")
+    past_len = past[0][0].shape[2] if past else 0
+    mask = inputs.attention_mask
+    mask = np.ones((b, past_len + t), np.int64) if mask is None else np.asarray(mask, np.int64)
+    if mask.shape != (b, past_len + t):
+        raise ParityError(f"attention_mask has shape {list(mask.shape)}, expected "
+                          f"{[b, past_len + t]} (past plus new tokens)")
+    pos = inputs.position_ids
+    pos = (np.broadcast_to(np.arange(past_len, past_len + t), (b, t)) if pos is None
+           else np.asarray(pos, np.int64)).copy()
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    device = next(model.parameters()).device
+    trace = Trace(family=family, input_ids=ids, attention_mask=mask, position_ids=pos,
+                  meta={"producer": f"transformers {transformers.__version__} "
+                                    f"{type(model).__name__} ({attn_implementation})",
+                        "impl": "hf", "transformers": transformers.__version__,
+                        "attn_implementation": attn_implementation, "dtype": dtype,
+                        "device": str(device), "note": NOTE})
+    rec = Recorder(trace, sites, dtype)
+    tap = _Taps(model, cfg, rec, t)
+    kw = dict(attention_mask=torch.as_tensor(mask, device=device),
+              position_ids=None)
+    if family == "openai-gpt":
+        kw["output_attentions"] = tap.wants_kind("attn.probs")
+    else:
+        kw["use_cache"] = True
+        kw[_cache_kwarg(model)] = _to_cache(past, model, device) if past else _empty_cache()
+    try:
+        with torch.no_grad():
+            out = model(torch.as_tensor(ids, device=device), **kw)
+    finally:
+        tap.remove()
+    if family == "openai-gpt":
+        cache = tap.present
+    else:
+        cache = _cache_layers(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+        for i, (k, v) in enumerate(cache):
+            tap.record(f"blocks.{i}.attn.k", k[:, :, -t:])
+            tap.record(f"blocks.{i}.attn.v", v[:, :, -t:])
+    trace.cache = [(_np(k), _np(v)) for k, v in cache]
+    tap.record("logits", out.logits, force=True)
+    order = {s: n for n, s in enumerate(site_names(family, cfg.n_layer))}
+    trace.sites = dict(sorted(trace.sites.items(), key=lambda kv: order[kv[0]]))
+    return trace
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x calls the argument `cache` (`past_key_values` before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _empty_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _to_cache(past, model, device):
+    """Reference layout (per layer (k, v), (B, H, T_past, hd) float64) -> a DynamicCache in the
+    model's dtype. Full layers for GPT-Neo's local attention too: it slices its window itself."""
+    from transformers import DynamicCache
+
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(past):
+        cache.update(torch.as_tensor(np.asarray(k)).to(device, dtype),
+                     torch.as_tensor(np.asarray(v)).to(device, dtype), i)
+    return cache
+
+
+def _cache_layers(cache) -> list:
+    """(k, v) per layer from a transformers cache (v5 `layers`, 4.x `key_cache`, or tuples)."""
+    if cache is None:
+        return []
+    if hasattr(cache, "layers"):
+        return [(lay.keys, lay.values) for lay in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v, *_ in cache]
+
+
+class _Taps:
+    """The forward hooks of one capture; `remove()` takes every one of them off again."""
+
+    def __init__(self, model, cfg, rec: Recorder, t: int):
+        self.model, self.cfg, self.rec, self.t = model, cfg, rec, t
+        self.family = cfg.family
+        self.handles: list = []
+        self.present: list = []  # OpenAI GPT: (k, v) per layer from c_attn
+        body = model.transformer
+        if rec.wants("embed"):
+            self._hook(body.h[0], IN, lambda x: self.record("embed", x))
+        for i, block in enumerate(body.h):
+            self._block(i, block)
+        if reference.sites.HAS_LN_F[self.family] and rec.wants("ln_f"):
+            self._hook(body.ln_f, OUT, lambda x: self.record("ln_f", x))
+
+    def wants_kind(self, kind: str) -> bool:
+        return any(self.rec.wants(f"blocks.{i}.{kind}") for i in range(self.cfg.n_layer))
+
+    def record(self, site: str, x, force: bool = False) -> None:
+        if force or self.rec.wants(site):
+            self.rec.trace.sites[site] = _np(x)
+            self.rec.trace.dtypes[site] = str(x.dtype).removeprefix("torch.")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # -- installing
+    def _block(self, i: int, block) -> None:
+        taps, n_head = TAPS[self.family], self.cfg.n_head
+        groups: dict[tuple[str, str], list[str]] = {}
+        for kind in HF_SITES[self.family]:
+            path, how = taps[kind]
+            site = f"blocks.{i}.{kind}"
+            if how.startswith("cache_") or not self.rec.wants(site):
+                continue
+            groups.setdefault((path, how), []).append(site)
+        if self.family == "openai-gpt":  # its cache is read off c_attn
+            groups.setdefault(("attn.c_attn", "present"), [])
+        for (path, how), names in groups.items():
+            mod = block.get_submodule(path) if path else block
+            if how in (OUT, IN, WEIGHTS):
+                site = names[0]
+                self._hook(mod, how, lambda x, s=site: self.record(s, x))
+            elif how == HEADS:
+                self._hook(mod, OUT, lambda x, s=names[0]: self.record(s, _heads(x, n_head)))
+            elif how in QKV:
+                j = QKV.index(how)
+                self._hook(mod, OUT, lambda x, s=names[0], j=j: self.record(
+                    s, _heads(_third(x, j), n_head)))
+            elif how == "present":
+                self._hook(mod, OUT, lambda x: self.present.append(
+                    (_heads(_third(x, 1), n_head), _heads(_third(x, 2), n_head))))
+            elif how == SOFTMAX_IN:
+                self._softmax_spy(mod, names[0])
+
+    def _hook(self, mod, how: str, fn: Callable) -> None:
+        if how == IN:
+            def pre(_m, args, kwargs):
+                fn(args[0] if args else kwargs["hidden_states"])
+            self.handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            return
+        index = 1 if how == WEIGHTS else 0
+
+        def post(_m, _args, out):
+            x = out[index] if isinstance(out, (tuple, list)) else out
+            if x is not None:
+                fn(x)
+        self.handles.append(mod.register_forward_hook(post))
+
+    def _softmax_spy(self, mod, site: str) -> None:
+        """Record the input of the first softmax inside `mod`'s forward (eager attention)."""
+        spy = SoftmaxSpy(lambda x: self.record(site, x))
+
+        def enter(*_):
+            spy.__enter__()
+
+        def leave(*_):
+            spy.__exit__(None, None, None)
+
+        self.handles.append(mod.register_forward_pre_hook(enter))
+        self.handles.append(mod.register_forward_hook(leave))
+        self.handles.append(spy)  # its remove() leaves it if a forward raised inside `mod`
+
+
+class SoftmaxSpy(TorchFunctionMode):
+    """Active only inside one attention module: hands the input of its first softmax (the
+    masked, scaled scores) to `sink`, and changes nothing."""
+
+    FUNCS = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+    def __init__(self, sink):
+        super().__init__()
+        self.sink, self.active, self.seen = sink, False, False
+
+    def __enter__(self):
+        self.active, self.seen = True, False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        super().__exit__(*exc)
+
+    def remove(self) -> None:
+        if self.active:
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.seen and func in self.FUNCS:
+            self.seen = True
+            self.sink(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _third(x, j: int):
+    d = x.shape[-1] // 3
+    return x[..., j * d:(j + 1) * d]
+
+
+def _heads(x, n_head: int):
+    """(B, T, d) -> (B, H, T, hd), head-major as in every family."""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_head, d // n_head).permute(0, 2, 1, 3)

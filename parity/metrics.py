@@ -1,0 +1,155 @@
+"""Per-site error metrics of a subject against the float64 reference (DESIGN.md "Metrics").
+
+All functions take float64 NumPy arrays of the same shape plus a boolean `valid` mask (the
+elements that count: real tokens, visible score positions) and return plain floats.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reference.ops import round_to
+
+DTYPE_MAX = {"float16": 65504.0, "bfloat16": float.fromhex("0x1.fep127"),
+             "float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+
+
+# ----------------------------------------------------------------------------- ULP distance
+def ordered_bits(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Map values of `dtype` to integers whose difference is the number of representable values
+    between them: sign-magnitude bits folded so that -0 and +0 both map to 0 and negative numbers
+    count down. `x` must already hold values of that dtype (float64 carrier)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float16":
+        b = x.astype(np.float16).view(np.uint16).astype(np.int64)
+        sign, mag = b >> 15, b & 0x7FFF
+    elif dtype == "bfloat16":
+        b = x.astype(np.float32).view(np.uint32).astype(np.int64) >> 16
+        sign, mag = b >> 15, b & 0x7FFF
+    elif dtype == "float32":
+        b = x.astype(np.float32).view(np.uint32).astype(np.int64)
+        sign, mag = b >> 31, b & 0x7FFFFFFF
+    elif dtype == "float64":
+        b = x.view(np.int64)
+        sign, mag = (b < 0).astype(np.int64), b & np.int64(0x7FFFFFFFFFFFFFFF)
+    else:
+        raise ValueError(f"no ULP scale for dtype {dtype!r}")
+    return np.where(sign == 1, -mag, mag)
+
+
+def ulp_distance(y: np.ndarray, r: np.ndarray, dtype: str) -> np.ndarray:
+    """Representable steps of `dtype` between the subject value y and the reference r rounded to
+    that dtype (0 = the subject holds the correctly rounded value). Non-finite pairs give inf."""
+    rr = round_to(r, dtype) if dtype != "float64" else np.asarray(r, np.float64)
+    yy = round_to(y, dtype) if dtype != "float64" else np.asarray(y, np.float64)
+    fin = np.isfinite(rr) & np.isfinite(yy)
+    d = np.abs(ordered_bits(np.where(fin, yy, 0.0), dtype)
+               - ordered_bits(np.where(fin, rr, 0.0), dtype)).astype(np.float64)
+    return np.where(fin, d, np.inf)
+
+
+# ----------------------------------------------------------------------------- error figures
+def rel_l2(y: np.ndarray, r: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """||y - r|| / ||r|| over the valid, finite elements (0/0 = 0; x/0 = inf)."""
+    y, r = _select(y, r, valid)
+    fin = np.isfinite(y)
+    y, r = y[fin], r[fin]
+    num = float(np.sqrt(np.sum((y - r) ** 2)))
+    den = float(np.sqrt(np.sum(r**2)))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _select(y, r, valid):
+    y = np.asarray(y, np.float64)
+    r = np.asarray(r, np.float64)
+    if valid is None:
+        valid = np.isfinite(r)
+    else:
+        valid = np.broadcast_to(valid, r.shape) & np.isfinite(r)
+    return y[valid], r[valid]
+
+
+def site_metrics(y: np.ndarray, r: np.ndarray, dtype: str, valid: np.ndarray | None = None) -> dict:
+    """max_abs, mean_abs, rel_l2, max_ulp, cosine, nonfinite, headroom, ref_max_abs."""
+    ys, rs = _select(y, r, valid)
+    nonfinite = int((~np.isfinite(ys)).sum())
+    fin = np.isfinite(ys)
+    d = np.abs(ys[fin] - rs[fin])
+    ref_max = float(np.abs(rs).max()) if rs.size else 0.0
+    out = {
+        "max_abs": float(d.max()) if d.size else 0.0,
+        "mean_abs": float(d.mean()) if d.size else 0.0,
+        "rel_l2": rel_l2(ys, rs, None) if rs.size else 0.0,
+        "max_ulp": float(ulp_distance(ys, rs, dtype).max()) if rs.size else 0.0,
+        "cosine": _cosine(ys[fin], rs[fin]),
+        "nonfinite": nonfinite,
+        "headroom": (DTYPE_MAX[dtype] / ref_max) if ref_max > 0 else math.inf,
+        "ref_max_abs": ref_max,
+    }
+    if nonfinite:
+        out["rel_l2"] = math.inf
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
+
+
+def floor_ratio(subject_err: float, floor_err: float) -> float:
+    """How many times worse than the rounding floor. A floor error of exactly zero (e.g. fp16
+    weights looked up unchanged) gives 1 for a zero subject error and inf otherwise."""
+    if floor_err == 0.0:
+        return 1.0 if subject_err == 0.0 else math.inf
+    return subject_err / floor_err
+
+
+# ----------------------------------------------------------------------------- logits
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None) -> dict:
+    """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T)."""
+    y = np.asarray(y, np.float64).reshape(-1, r.shape[-1])
+    r = np.asarray(r, np.float64).reshape(-1, r.shape[-1])
+    if rows is not None:
+        keep = np.asarray(rows, bool).reshape(-1)
+        y, r = y[keep], r[keep]
+    if not r.size:
+        return {"top1": 1.0, "kl": 0.0}
+    if not np.isfinite(y).all():
+        top1 = float(np.mean(np.argmax(np.nan_to_num(y, nan=-np.inf), -1) == np.argmax(r, -1)))
+        return {"top1": top1, "kl": math.inf}
+    lr, ly = log_softmax(r), log_softmax(y)
+    kl = float(np.mean(np.sum(np.exp(lr) * (lr - ly), axis=-1)))
+    return {"top1": float(np.mean(np.argmax(y, -1) == np.argmax(r, -1))), "kl": max(kl, 0.0)}
+
+
+# ----------------------------------------------------------------------------- valid masks
+def valid_mask(site: str, ref: np.ndarray, token_rows: np.ndarray | None) -> np.ndarray:
+    """Elements that count at a site: real-token rows (B, T) broadcast over the site's layout,
+    and for attention scores/probs only the key positions the reference lets a query see."""
+    r = np.asarray(ref)
+    if token_rows is None:
+        token_rows = np.ones(r.shape[:1] + (_t_axis_len(site, r),), bool)
+    rows = np.asarray(token_rows, bool)
+    if site.endswith(("attn.q", "attn.k", "attn.v")):
+        m = rows[:, None, :, None]
+    elif site.endswith(("attn.scores", "attn.probs")):
+        m = rows[:, None, :, None] & np.isfinite(r) if site.endswith("scores") else (
+            rows[:, None, :, None] & np.ones(r.shape, bool))
+    else:
+        m = rows.reshape(rows.shape + (1,) * (r.ndim - 2))
+    return np.broadcast_to(m, r.shape)
+
+
+def _t_axis_len(site, r):
+    return r.shape[2] if site.endswith(("attn.q", "attn.k", "attn.v", "attn.scores",
+                                        "attn.probs")) else r.shape[1]

@@ -1,0 +1,664 @@
+"""Divergence reports (DESIGN.md "Reports"): the folder a reader opens to learn which
+family/checkpoint/variant/dtype diverges, from which layer, and why.
+
+`write_report` turns the engine's two long-format frames into four files:
+  divergence.csv  the divergence frame as is (one row per subject x mode x site);
+  run.json        the environment of the run;
+  summary.md      the verdicts at a glance, first divergent sites, attribution, overflow, logits;
+  index.html      the same tables, coloured, plus plots of error against layer; self-contained
+                  (inline CSS, PNGs as data: URIs) so it opens from disk or as a CI artifact.
+`terminal_summary` is the short table `parity report` prints.
+
+Both documents are built from one list of blocks (`_document`), so the Markdown and the HTML
+always show the same tables. Every file is deterministic: the same frames give the same bytes
+(fixed float format, frame order kept, PNGs without metadata and at a fixed dpi, no clock).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reference.sites import BLOCK_SITES, block_output_site
+
+from .errors import ParityError
+
+DIVERGENCE_COLUMNS = (
+    "family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site", "layer",
+    "kind", "max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine", "floor_rel_l2", "floor_ratio",
+    "nonfinite", "headroom", "top1", "kl", "budget_warn", "budget_fail", "verdict", "reason")
+ATTRIBUTION_COLUMNS = (
+    "family", "checkpoint", "variant", "dtype", "target", "knob", "from_value", "to_value",
+    "error_before", "error_after", "share", "note")
+VERDICTS = ("pass", "warn", "fail", "overflow")   # increasing severity
+SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
+FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
+PNG_DPI = 72              # ~40 kB a figure: 80 subjects stay far under the 3 MB page budget
+HTML_SIZE_BUDGET = 3_000_000   # bytes; a report page must stay light enough to mail or attach
+DASH = "–"                # shown where a figure does not exist (NaN: no logits, no floor)
+
+FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
+
+
+# ============================================================================ entry points
+def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | None,
+                 run: dict, title: str) -> dict[str, Path]:
+    """Render the four report files into `out_dir` (created if needed), each written to a
+    temporary file and renamed, so a reader never sees half a report file. Returns
+    name -> path. Raises ParityError for malformed frames or a folder that cannot be written."""
+    _check_frames(divergence, attribution)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParityError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
+    contents = {
+        "divergence.csv": render_csv(divergence),
+        "run.json": render_json(run),
+        "summary.md": render_markdown(divergence, attribution, run, title).encode(),
+        "index.html": render_html(divergence, attribution, run, title).encode(),
+    }
+    return {name: _write_atomic(out, name, data) for name, data in contents.items()}
+
+
+def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None,
+                     problems_only: bool = False):
+    """A rich Table, one row per subject: verdict, logit floor_ratio, top-1 agreement, first
+    divergent site (accumulated, and the local one when it differs) and the main cause.
+    `problems_only` keeps the subjects that are not a pass (the caption still counts all)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    _check_frames(divergence, attribution)
+    subj = subject_table(divergence, attribution)
+    verdict = overall_verdict(divergence)
+    table = Table(title=f"gpt-parity: {verdict}", caption=_count_line(subj),
+                  title_style=f"bold {RICH_STYLE[verdict.lower()]}")
+    for col in ("family", "checkpoint", "variant", "dtype", "verdict", "logits floor_ratio",
+                "top1", "first divergent site", "main cause"):
+        table.add_column(col, justify="right" if col in ("logits floor_ratio", "top1") else "left")
+    for r in subj.itertuples(index=False):
+        if problems_only and r.verdict == "pass":
+            continue
+        first = r.first_accumulated or ""
+        if r.first_local and r.first_local != r.first_accumulated:
+            first = f"{first} (local: {r.first_local})".strip()
+        table.add_row(r.family, r.checkpoint, r.variant, r.dtype,
+                      Text(r.verdict.upper() if r.verdict != "pass" else "pass",
+                           style=RICH_STYLE[r.verdict]),
+                      _num(r.logits_floor_ratio), _pct(r.top1), first, r.main_cause)
+    return table
+
+
+RICH_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "overflow": "bold magenta"}
+
+
+# ============================================================================ analysis
+def overall_verdict(divergence: pd.DataFrame) -> str:
+    """PASS, WARN or FAIL (an overflow is a failure). An empty frame is an error, never a pass."""
+    if divergence.empty:
+        raise ParityError("the divergence frame is empty: nothing was compared")
+    worst = max(VERDICTS.index(v) for v in divergence["verdict"].unique())
+    return ("PASS", "WARN", "FAIL", "FAIL")[worst]
+
+
+def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None
+                  ) -> pd.DataFrame:
+    """One row per subject (family x checkpoint x variant x dtype x device x emulate), in frame
+    order: worst verdict over every site and both modes, the logit figures (accumulated), the
+    first site that is not a pass in each mode (frame order = execution order), the main cause."""
+    causes = _main_causes(attribution)
+    rows = []
+    for key, g in divergence.groupby(list(SUBJECT), sort=False, dropna=False):
+        rec = dict(zip(SUBJECT, key))
+        rec["verdict"] = _worst(g["verdict"])
+        acc = g[g["mode"] == "accumulated"]
+        logit = acc[acc["site"] == "logits"]
+        lg = logit.iloc[0] if len(logit) else None
+        for col in ("floor_ratio", "rel_l2", "top1", "kl"):
+            rec[f"logits_{col}"] = float(lg[col]) if lg is not None else math.nan
+        rec["logits_verdict"] = lg["verdict"] if lg is not None else ""
+        for mode in ("accumulated", "local"):
+            first = _first_divergent(g[g["mode"] == mode])
+            rec[f"first_{mode}"] = first["site"] if first is not None else ""
+            rec[f"first_{mode}_verdict"] = first["verdict"] if first is not None else ""
+            rec[f"first_{mode}_reason"] = _text(first["reason"]) if first is not None else ""
+        rec["top1"] = rec["logits_top1"]
+        rec["main_cause"] = causes.get(tuple(rec[k] for k in SUBJECT[:4]), "")
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def _first_divergent(rows: pd.DataFrame):
+    bad = rows[rows["verdict"] != "pass"]
+    return bad.iloc[0] if len(bad) else None
+
+
+def _worst(verdicts) -> str:
+    return VERDICTS[max(VERDICTS.index(v) for v in verdicts)]
+
+
+def attribution_sentence(row) -> str:
+    """One attribution row as a sentence: how much of the subject's logit error (vs the
+    reference, or vs another variant) disappears when that knob alone is flipped."""
+    r = row if isinstance(row, dict) else row._asdict() if hasattr(row, "_asdict") else dict(row)
+    where = f"{r['family']}/{r['checkpoint']}"
+    if r["target"] == "reference":
+        what = f"the {r['dtype']} logit error of {r['variant']} on {where}"
+    else:
+        what = f"the {r['dtype']} logit divergence of {r['variant']} from {r['target']} on {where}"
+    flip = f"{r['knob']}={r['from_value']}->{r['to_value']}"
+    share = float(r["share"])
+    figures = f" (logit rel_l2 {_num(r['error_before'])} -> {_num(r['error_after'])})"
+    if math.isnan(share):
+        text = f"{flip}: nothing to attribute, {what} is zero"
+        figures = ""
+    elif round(share * 100) > 0:
+        text = f"{share:.0%} of {what} disappears with {flip}"
+    elif round(share * 100) < 0:
+        text = f"{flip} makes {what} {-share:.0%} larger"
+    else:
+        text = f"{flip} changes {what} by under 0.5%"
+    note = _text(r.get("note"))
+    return text + figures + (f"; {note}" if note else "")
+
+
+def _main_causes(attribution) -> dict:
+    """(family, checkpoint, variant, dtype) -> 'knob=a->b (62%)': the flip that removes the
+    largest positive share of the logit error vs the reference (or, when only subject-vs-subject
+    attribution exists, of the divergence from that other subject)."""
+    if attribution is None or attribution.empty:
+        return {}
+    a = attribution[attribution["share"] > 0]
+    out = {}
+    for key, g in a.groupby(list(SUBJECT[:4]), sort=False):
+        ref = g[g["target"] == "reference"]
+        g = ref if len(ref) else g
+        best = g.loc[g["share"].idxmax()]
+        vs = "" if best["target"] == "reference" else f" vs {best['target']}"
+        out[key] = (f"{best['knob']}={best['from_value']}->{best['to_value']} "
+                    f"({best['share']:.0%}{vs})")
+    return out
+
+
+# ============================================================================ the document
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    verdict: str | None = None      # colours the cell in HTML, bolds it in Markdown
+
+
+@dataclass(frozen=True)
+class DocTable:
+    headers: tuple
+    rows: tuple                      # of tuples of Cell
+
+
+def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots: bool) -> list:
+    """The report as blocks: ('h1'|'h2'|'h3'|'p'|'verdict', text), ('table', DocTable),
+    ('ul', [text]), ('img', (png_bytes, caption)). Markdown and HTML render the same list."""
+    subj = subject_table(div, attribution)
+    verdict = overall_verdict(div)
+    multi_dev = subj[["device", "emulate"]].drop_duplicates().shape[0] > 1
+    blocks: list = [("h1", title), ("verdict", (verdict, _count_line(subj)))]
+
+    blocks.append(("h2", "At a glance"))
+    blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes, "
+                        "and its floor_ratio at the logits (accumulated; 1 = as good as the "
+                        "dtype allows)."))
+    for ckpt in pd.unique(subj["checkpoint"]):
+        blocks += [("h3", f"checkpoint {ckpt}"), ("table", _matrix(subj, ckpt, multi_dev))]
+
+    blocks.append(("h2", "Where it diverges"))
+    bad = subj[subj["verdict"] != "pass"]
+    if bad.empty:
+        blocks.append(("p", "Every subject is within budget at every site, in both modes."))
+    else:
+        blocks.append(("p", "The first site (in execution order) whose verdict is not a pass. "
+                            "Accumulated: the subject runs on its own stream. Local: each layer "
+                            "is fed the reference's input, so the local site is the layer that "
+                            "makes the divergence rather than one that inherits it."))
+        blocks.append(("table", _divergence_table(bad, multi_dev)))
+
+    blocks.append(("h2", "Why"))
+    blocks += _why_blocks(attribution)
+
+    if with_plots:
+        blocks.append(("h2", "Error against layer"))
+        blocks.append(("p", "rel_l2 (top) and floor_ratio (bottom) per layer at a few key sites; "
+                            "colour = variant, marker = dtype, solid = accumulated, dashed = local; "
+                            "a triangle on the top edge = non-finite values at that layer; "
+                            "dotted grey = fail budget."))
+        for (fam, ckpt), g in div.groupby(["family", "checkpoint"], sort=False):
+            png = plot_errors(g, fam, _style_keys(div))
+            if png is not None:
+                blocks.append(("img", (png, f"{fam} / {ckpt}")))
+
+    blocks.append(("h2", "Overflow"))
+    blocks += _overflow_blocks(div)
+
+    blocks.append(("h2", "Logits, every subject"))
+    blocks.append(("table", _logits_table(subj, multi_dev)))
+
+    blocks.append(("h2", "How to read this report"))
+    blocks.append(("ul", [
+        "rel_l2 = ||subject - reference|| / ||reference|| over the elements that count "
+        "(real tokens, visible score positions); the reference is float64.",
+        "floor_ratio = rel_l2 of the subject / rel_l2 of the rounding floor (the float64 math "
+        "with every op rounded once to the dtype: the best any implementation in that dtype can "
+        "do). Healthy half-precision paths sit near 1; bugs land orders of magnitude away.",
+        "warn / fail: floor_ratio over the site's budgets (parity/budgets.toml); overflow: "
+        "non-finite values where the reference is finite. headroom = dtype max / max|reference|.",
+        "top1 = share of tokens whose arg-max logit matches the reference; KL = mean "
+        "KL(reference || subject) of the next-token distributions.",
+        "divergence.csv holds every figure for every site; run.json the environment."]))
+
+    blocks.append(("h2", "Run"))
+    flat = _flatten(run)
+    blocks.append(("table", DocTable(("key", "value"),
+                                  tuple((Cell(k), Cell(v)) for k, v in flat))))
+    return blocks
+
+
+def _count_line(subj: pd.DataFrame) -> str:
+    n = {v: int((subj["verdict"] == v).sum()) for v in VERDICTS}
+    over = n["fail"] + n["overflow"]
+    return (f"{over} of {len(subj)} subjects over budget ({n['fail']} fail, {n['overflow']} "
+            f"overflow), {n['warn']} warn, {n['pass']} pass")
+
+
+def _column_label(r, multi_dev: bool) -> str:
+    label = f"{r.variant} {r.dtype}"
+    return f"{label} @{_device(r.device, r.emulate)}" if multi_dev else label
+
+
+def _device(device, emulate) -> str:
+    return f"{device} (emulated)" if bool(emulate) else str(device)
+
+
+def _matrix(subj: pd.DataFrame, ckpt, multi_dev: bool) -> DocTable:
+    s = subj[subj["checkpoint"] == ckpt]
+    cols = list(dict.fromkeys(_column_label(r, multi_dev) for r in s.itertuples(index=False)))
+    fams = list(pd.unique(s["family"]))
+    cells = {(f, c): [] for f in fams for c in cols}
+    for r in s.itertuples(index=False):
+        cells[(r.family, _column_label(r, multi_dev))].append(r)
+    rows = []
+    for f in fams:
+        row = [Cell(f)]
+        for c in cols:
+            rs = cells[(f, c)]
+            if not rs:
+                row.append(Cell(""))
+                continue
+            v = _worst(r.verdict for r in rs)
+            ratio = max((r.logits_floor_ratio for r in rs), key=_nan_low)
+            row.append(Cell(f"{_vlabel(v)} {_num(ratio)}", v))
+        rows.append(tuple(row))
+    return DocTable(("family", *cols), tuple(rows))
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
+    head = ("family", "checkpoint", "variant", "dtype") + (("device",) if multi_dev else ()) + (
+        "verdict", "logits floor_ratio", "first divergent (accumulated)",
+        "first divergent (local)", "why there", "main cause")
+    rows = []
+    for r in bad.itertuples(index=False):
+        reason = r.first_local_reason or r.first_accumulated_reason
+        rows.append(tuple(
+            [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
+            + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
+            + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_floor_ratio)),
+               Cell(_site_cell(r.first_accumulated, r.first_accumulated_verdict),
+                    r.first_accumulated_verdict or None),
+               Cell(_site_cell(r.first_local, r.first_local_verdict),
+                    r.first_local_verdict or None),
+               Cell(reason), Cell(r.main_cause)]))
+    return DocTable(head, tuple(rows))
+
+
+def _site_cell(site: str, verdict: str) -> str:
+    return f"{site} ({verdict})" if site else "none"
+
+
+def _why_blocks(attribution) -> list:
+    if attribution is None or attribution.empty:
+        return [("p", "No attribution was computed for this run.")]
+    blocks = [("p", "Each knob flipped alone to its precise choice, the rest of the subject "
+                    "unchanged: the share of the logit error that disappears (negative: the "
+                    "error grows).")]
+    for key, g in attribution.groupby(list(SUBJECT[:4]) + ["target"], sort=False):
+        fam, ckpt, var, dt, target = key
+        g = g.sort_values("share", ascending=False, kind="stable", na_position="last")
+        vs = "the reference" if target == "reference" else target
+        blocks.append(("h3", f"{fam} / {ckpt} / {var} / {dt} vs {vs}"))
+        blocks.append(("ul", [attribution_sentence(r) for r in g.to_dict("records")]))
+    return blocks
+
+
+def _overflow_blocks(div: pd.DataFrame) -> list:
+    o = div[div["verdict"] == "overflow"]
+    if o.empty:
+        return [("p", "No site overflowed: every value the reference keeps finite stayed "
+                      "finite.")]
+    rows = []
+    for key, g in o.groupby(list(SUBJECT) + ["mode"], sort=False, dropna=False):
+        first = g.iloc[0]
+        rows.append((Cell(first["family"]), Cell(first["checkpoint"]), Cell(first["variant"]),
+                     Cell(first["dtype"]), Cell(first["mode"]),
+                     Cell(first["site"], "overflow"), Cell(str(len(g))),
+                     Cell(str(int(first["nonfinite"]))), Cell(_num(first["headroom"])),
+                     Cell(_magnitude(first))))
+    return [("p", "Subjects with non-finite values where the reference is finite: the first "
+                  "overflowing site per mode, how many sites overflow, and why."),
+            ("table", DocTable(("family", "checkpoint", "variant", "dtype", "mode", "first site",
+                             "sites", "non-finite values", "headroom", "magnitude"),
+                            tuple(rows)))]
+
+
+def _magnitude(row) -> str:
+    h = float(row["headroom"])
+    if not math.isnan(h) and h < 1:
+        return f"the reference peaks at {_num(1 / h)}x the {row['dtype']} max"
+    return (f"the reference fits ({_num(h)}x below the {row['dtype']} max): an intermediate "
+            f"of the subject overflows")
+
+
+def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
+    head = ("family", "checkpoint", "variant", "dtype") + (("device",) if multi_dev else ()) + (
+        "verdict", "logits rel_l2", "logits floor_ratio", "top1", "KL")
+    rows = []
+    for r in subj.itertuples(index=False):
+        rows.append(tuple(
+            [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
+            + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
+            + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_rel_l2)),
+               Cell(_num(r.logits_floor_ratio), r.logits_verdict or None),
+               Cell(_pct(r.logits_top1)), Cell(_num(r.logits_kl, ".2e"))]))
+    return DocTable(head, tuple(rows))
+
+
+def _flatten(d, prefix="") -> list[tuple[str, str]]:
+    out = []
+    for k in sorted(d, key=str):
+        v, name = d[k], f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, name + ".")
+        elif isinstance(v, (list, tuple)):
+            out.append((name, " ".join(map(str, v))))
+        else:
+            out.append((name, str(v)))
+    return out
+
+
+# ============================================================================ formatting
+def _num(x, spec: str = ".3g") -> str:
+    if x is None or pd.isna(x):
+        return DASH
+    x = float(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def _pct(x) -> str:
+    if x is None or pd.isna(x):
+        return DASH
+    s = f"{100 * float(x):.1f}"
+    return ("99.9" if s == "100.0" and float(x) < 1 else s) + "%"
+
+
+def _vlabel(v: str) -> str:
+    return "pass" if v == "pass" else v.upper()
+
+
+def _text(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA else str(x)
+
+
+# ============================================================================ renderers
+def render_csv(divergence: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    divergence.to_csv(buf, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    return buf.getvalue().encode()
+
+
+def render_json(run: dict) -> bytes:
+    return (json.dumps(run, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (Path, set, frozenset)):
+        return str(o) if isinstance(o, Path) else sorted(o)
+    return str(o)
+
+
+def render_markdown(div, attribution, run, title) -> str:
+    out = []
+    for kind, body in _document(div, attribution, run, title, with_plots=False):
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + body)
+        elif kind == "verdict":
+            out.append(f"**Overall verdict: {body[0]}** — {body[1]}.")
+        elif kind == "p":
+            out.append(body)
+        elif kind == "ul":
+            out.append("\n".join(f"- {t}" for t in body))
+        elif kind == "table":
+            out.append(_md_table(body))
+    return "\n\n".join(out) + "\n"
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: DocTable) -> str:
+    def cell(c: Cell) -> str:
+        s = _md_escape(c.text)
+        return f"**{s}**" if c.verdict and c.verdict != "pass" and s else s
+    lines = ["| " + " | ".join(_md_escape(h) for h in t.headers) + " |",
+             "|" + "|".join("---" for _ in t.headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;
+color:#1b1b1b;padding:0 1em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
+th,td{border:1px solid #d0d0d0;padding:.25em .55em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}
+td.pass{background:#e3f4e6}td.warn{background:#fff2c2}
+td.fail{background:#f9d2cf;font-weight:600}td.overflow{background:#e9c8f2;font-weight:600}
+.verdict{font-size:1.3em;padding:.4em .8em;display:inline-block;border-radius:4px}
+.verdict.PASS{background:#e3f4e6}.verdict.WARN{background:#fff2c2}.verdict.FAIL{background:#f9d2cf}
+figure{margin:1em 0}figcaption{font-weight:600}img{max-width:100%}
+li{margin:.2em 0}
+""".strip()
+
+
+def render_html(div, attribution, run, title) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{e(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>"]
+    for kind, body in _document(div, attribution, run, title, with_plots=True):
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{e(body)}</{kind}>")
+        elif kind == "verdict":
+            out.append(f'<p><span class="verdict {e(body[0])}">Overall verdict: '
+                       f"<b>{e(body[0])}</b></span> {e(body[1])}.</p>")
+        elif kind == "p":
+            out.append(f"<p>{e(body)}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(t)}</li>" for t in body) + "</ul>")
+        elif kind == "table":
+            out.append(_html_table(body))
+        elif kind == "img":
+            png, caption = body
+            data = base64.b64encode(png).decode("ascii")
+            out.append(f'<figure><figcaption>{e(caption)}</figcaption>'
+                       f'<img alt="{e(caption)}: error against layer" '
+                       f'src="data:image/png;base64,{data}"></figure>')
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+def _html_table(t: DocTable) -> str:
+    e = html.escape
+    head = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr>"
+    rows = []
+    for row in t.rows:
+        tds = "".join(f'<td class="{c.verdict}">{e(c.text)}</td>' if c.verdict
+                      else f"<td>{e(c.text)}</td>" for c in row)
+        rows.append(f"<tr>{tds}</tr>")
+    return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(rows) + \
+        "\n</tbody>\n</table>"
+
+
+# ============================================================================ plots
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _style_keys(div: pd.DataFrame) -> dict:
+    """Colour per variant and marker per dtype, the same in every figure of a report."""
+    from matplotlib import colormaps
+    colors = colormaps["tab10"].colors
+    return {"color": {v: colors[i % len(colors)] for i, v in enumerate(pd.unique(div["variant"]))},
+            "marker": {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(pd.unique(div["dtype"]))}}
+
+
+def _plot_kinds(family: str, present) -> list[str]:
+    """The block output (the stream the next layer inherits), the attention scores (where raw
+    q.k^T overflows) and the MLP activation (where large pre-activations bite)."""
+    out = block_output_site(family) if family in BLOCK_SITES else "resid_post"
+    return [k for k in (out, "attn.scores", "mlp.act") if k in set(present)]
+
+
+def plot_errors(g: pd.DataFrame, family: str, style: dict) -> bytes | None:
+    """PNG of rel_l2 and floor_ratio against layer for one family x checkpoint, or None when it
+    has no block sites. Built on a bare Figure (no pyplot state) with Matplotlib's default
+    style, fixed dpi and no metadata, so the bytes depend on the data alone."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    g = g[g["layer"].notna()]
+    kinds = _plot_kinds(family, g["kind"].unique())
+    if not kinds:
+        return None
+    with mpl.rc_context():
+        mpl.rcdefaults()
+        # a fixed title height skips the per-draw title placement (a third of the time)
+        mpl.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.titley": 1.0})
+        width = 2.9 * len(kinds) + 1.4      # inches; the legend takes the last 1.4
+        fig = Figure(figsize=(width, 4.6), dpi=PNG_DPI)
+        # fixed margins: constrained layout would measure every tick label, 5x the cost
+        fig.subplots_adjust(left=0.6 / width, right=1 - 1.5 / width, bottom=0.1, top=0.93,
+                            wspace=0.3, hspace=0.3)
+        axes = fig.subplots(2, len(kinds), squeeze=False, sharex=True)
+        for j, kind in enumerate(kinds):
+            k = g[g["kind"] == kind]
+            for row, metric in enumerate(("rel_l2", "floor_ratio")):
+                ax = axes[row][j]
+                _draw_lines(ax, k, metric, style)
+                if metric == "floor_ratio":
+                    for b in sorted(pd.unique(k["budget_fail"].dropna())):
+                        ax.axhline(float(b), color="0.55", linestyle=":", linewidth=1)
+                    ax.set_xlabel("layer")
+                what = f"{kind} (block output)" if kind == kinds[0] else kind
+                ax.set_title(f"{what}: {metric}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(True, which="major", alpha=0.3)
+        handles = ([Line2D([], [], color=c, label=v) for v, c in style["color"].items()
+                    if v in set(g["variant"])]
+                   + [Line2D([], [], color="0.3", marker=m, linestyle="", label=d)
+                      for d, m in style["marker"].items() if d in set(g["dtype"])]
+                   + [Line2D([], [], color="0.3", linestyle="-", label="accumulated"),
+                      Line2D([], [], color="0.3", linestyle="--", label="local")])
+        fig.legend(handles=handles, loc="upper right", frameon=False)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _draw_lines(ax, k: pd.DataFrame, metric: str, style: dict) -> None:
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+
+    # plain NumPy columns: a pandas groupby here costs more than the drawing
+    var, dt, mode = (k[c].astype(str).to_numpy() for c in ("variant", "dtype", "mode"))
+    layer = k["layer"].astype("int64").to_numpy()
+    val = k[metric].astype("float64").to_numpy()
+    bad_all = (k["nonfinite"].to_numpy() > 0) | (k["verdict"].to_numpy() == "overflow")
+    drawn = False
+    for v, d, m in dict.fromkeys(zip(var, dt, mode)):
+        sel = (var == v) & (dt == d) & (mode == m)
+        order = np.argsort(layer[sel], kind="stable")
+        x, y, bad = layer[sel][order], val[sel][order], bad_all[sel][order]
+        y = np.where(np.isfinite(y) & (y > 0) & ~bad, y, np.nan)
+        kw = dict(color=style["color"][v], marker=style["marker"][d], markersize=3.5,
+                  linewidth=1.2, linestyle="-" if m == "accumulated" else "--")
+        ax.plot(x, y, **kw)
+        if bad.any():   # non-finite: no point on a log axis, so a mark on the top edge
+            ax.plot(x[bad], np.ones(bad.sum()), transform=ax.get_xaxis_transform(),
+                    linestyle="", marker="v", color=kw["color"], markersize=6, clip_on=False)
+        drawn = drawn or bool(np.isfinite(y).any())
+    if drawn:
+        ax.set_yscale("log")
+        # labelled ticks at 1, 2, 5 x 10^k (a healthy run spans less than a decade) and no
+        # unlabelled minor ticks, which cost more to lay out than the lines themselves
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=8))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center")
+
+
+# ============================================================================ checks and IO
+def _check_frames(div, attribution) -> None:
+    if not isinstance(div, pd.DataFrame):
+        raise ParityError("report: the divergence table is not a pandas DataFrame")
+    missing = [c for c in DIVERGENCE_COLUMNS if c not in div.columns]
+    if missing:
+        raise ParityError(f"report: the divergence table lacks columns {missing}")
+    unknown = sorted(set(div["verdict"].unique()) - set(VERDICTS))
+    if unknown:
+        raise ParityError(f"report: unknown verdicts {unknown} (expected one of {VERDICTS})")
+    if div.empty:
+        raise ParityError("report: the divergence table is empty: nothing was compared")
+    if attribution is not None and not attribution.empty:
+        missing = [c for c in ATTRIBUTION_COLUMNS if c not in attribution.columns]
+        if missing:
+            raise ParityError(f"report: the attribution table lacks columns {missing}")
+
+
+def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
+    """Write to a hidden temporary file beside the target and rename it over the target."""
+    path = folder / name
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise ParityError(f"{folder}: cannot write {name} ({e.strerror or e})") from None
+    return path
