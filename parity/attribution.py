@@ -59,7 +59,7 @@ def _share(before: float, after: float) -> tuple[float, str]:
     if math.isinf(before):
         return 0.0, "still non-finite"
     if math.isinf(after):
-        return -math.inf, "introduces non-finite values"
+        return math.nan, "introduces non-finite values"
     if before == 0.0:
         return 0.0, "no error to explain"
     return (before - after) / before, ""

@@ -66,11 +66,12 @@ def block_inputs(trace: reference.Trace, cfg) -> list[np.ndarray]:
     return [trace["embed"]] + [trace[f"blocks.{i}.{out_site}"] for i in range(cfg.n_layer)]
 
 
-def floor_local(cfg, weights, inputs: Inputs, streams: list[np.ndarray], dtype: str) -> dict:
+def floor_local(cfg, weights, inputs: Inputs, streams: list[np.ndarray], dtype: str,
+                floor_sites=None) -> dict:
     """The rounding floor run block by block on the reference's (rounded) inputs."""
     mod = reference.family_module(cfg.family)
     ctx, trace = make_context(cfg, weights, inputs.input_ids, inputs.attention_mask,
-                              inputs.position_ids, floor=dtype)
+                              inputs.position_ids, floor=dtype, floor_sites=floor_sites)
     mod.embed(ctx, trace.input_ids)
     for i in range(cfg.n_layer):
         mod.block(ctx, i, ops.round_to(streams[i], dtype))
@@ -168,16 +169,21 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
     floors: dict[tuple[str, str], dict] = {}
     records = []
     for subject in subjects:
-        dtype = subject.dtype
-        if dtype in ("float16", "bfloat16", "float32") and (dtype, "accumulated") not in floors:
-            floors[(dtype, "accumulated")] = reference.forward(
-                cfg, weights, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
-                floor=dtype).sites
-            floors[(dtype, "local")] = floor_local(cfg, weights, inputs, streams, dtype)
         traces, dtypes, meta = subject_traces(ckpt, inputs, subject, streams, modes)
+        dtype = meta.get("dtype", subject.dtype)  # the fp32 preset forces float32
+        # the floor in the subject's own storage dtypes: a site the subject keeps wider (upcast
+        # scores, fp32 softmax) is rounded to that width in the floor too
+        wide = {k: v for k, v in dtypes.items() if v != dtype and k != "logits"}
+        key = (dtype, tuple(sorted(wide.items())))
+        if dtype in ("float16", "bfloat16", "float32") and key not in floors:
+            floors[key] = {
+                "accumulated": reference.forward(
+                    cfg, weights, inputs.input_ids, inputs.attention_mask, inputs.position_ids,
+                    floor=dtype, floor_sites=wide).sites,
+                "local": floor_local(cfg, weights, inputs, streams, dtype, wide)}
         for mode in modes:
             sites = traces[mode]
-            flo = floors.get((dtype, mode))
+            flo = floors.get(key, {}).get(mode)
             for site, r in ref.sites.items():
                 if site not in sites:
                     continue
@@ -189,7 +195,8 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
                                       checkpoint=label)
                 v, why = verdict(m, budget, site, sdt, dtype)
                 records.append(dict(
-                    family=cfg.family, checkpoint=label, variant=subject.variant, dtype=dtype,
+                    family=cfg.family, checkpoint=label, variant=subject.variant,
+                    dtype=subject.dtype,
                     device=meta.get("device", subject.device),
                     emulate=str(meta.get("emulate", "")) in ("True", "on", "true"),
                     mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),

@@ -55,6 +55,7 @@ from reference.sites import BLOCK_SITES, site_names
 from reference.trace import Recorder, Trace
 
 from .errors import ParityError
+from .subjects import normalize_dtype
 
 INSTALL_HINT = "install the 'hf' extra: pip install gpt-parity[hf]"
 NOTE = "loads the whole model"
@@ -163,7 +164,7 @@ def load(ckpt, dtype: str = "float32", device: str = "cpu", attn_implementation:
         raise ParityError(
             f"--impl hf: attention implementation {impl!r} is not available for {family} in this "
             f"adapter (choose from {', '.join(ATTN_IMPLEMENTATIONS[family])})")
-    tdtype = getattr(torch, dtype)
+    tdtype = getattr(torch, normalize_dtype(dtype))
     kw = {"dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype": tdtype}
     kw.update(local_files_only=True, output_loading_info=True,
               attn_implementation=GPTMEG_BADDBMM if impl == "baddbmm" else impl)
@@ -315,9 +316,9 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
                         "attn_implementation": attn_implementation, "dtype": dtype,
                         "device": str(device), "note": NOTE})
     rec = Recorder(trace, sites, dtype)
-    tap = _Taps(model, cfg, rec, t)
+    tap = _Taps(model, cfg, rec, eager=attn_implementation in EAGER_LIKE)
     kw = dict(attention_mask=torch.as_tensor(mask, device=device),
-              position_ids=None)
+              position_ids=torch.as_tensor(pos, device=device))
     if family == "openai-gpt":
         kw["output_attentions"] = tap.wants_kind("attn.probs")
     else:
@@ -326,6 +327,9 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
     try:
         with torch.no_grad():
             out = model(torch.as_tensor(ids, device=device), **kw)
+    except RuntimeError as e:  # e.g. GPT-2's reorder_and_upcast_attn refuses float64
+        raise ParityError(f"--impl hf: transformers {transformers.__version__} failed to run "
+                          f"this {family} model in {dtype}: {str(e).splitlines()[0]}") from None
     finally:
         tap.remove()
     if family == "openai-gpt":
@@ -385,9 +389,9 @@ def _cache_layers(cache) -> list:
 class _Taps:
     """The forward hooks of one capture; `remove()` takes every one of them off again."""
 
-    def __init__(self, model, cfg, rec: Recorder, t: int):
-        self.model, self.cfg, self.rec, self.t = model, cfg, rec, t
-        self.family = cfg.family
+    def __init__(self, model, cfg, rec: Recorder, eager: bool = True):
+        self.cfg, self.rec, self.family = cfg, rec, cfg.family
+        self.skip = () if eager else EAGER_ONLY  # sdpa: no softmax, no weights
         self.handles: list = []
         self.present: list = []  # OpenAI GPT: (k, v) per layer from c_attn
         body = model.transformer
@@ -418,7 +422,7 @@ class _Taps:
         for kind in HF_SITES[self.family]:
             path, how = taps[kind]
             site = f"blocks.{i}.{kind}"
-            if how.startswith("cache_") or not self.rec.wants(site):
+            if how.startswith("cache_") or kind in self.skip or not self.rec.wants(site):
                 continue
             groups.setdefault((path, how), []).append(site)
         if self.family == "openai-gpt":  # its cache is read off c_attn

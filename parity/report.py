@@ -127,7 +127,9 @@ def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = N
             rec[f"logits_{col}"] = float(lg[col]) if lg is not None else math.nan
         rec["logits_verdict"] = lg["verdict"] if lg is not None else ""
         for mode in ("accumulated", "local"):
-            first = _first_divergent(g[g["mode"] == mode])
+            rows_m = g[g["mode"] == mode]
+            rec[f"has_{mode}"] = len(rows_m) > 0
+            first = _first_divergent(rows_m)
             rec[f"first_{mode}"] = first["site"] if first is not None else ""
             rec[f"first_{mode}_verdict"] = first["verdict"] if first is not None else ""
             rec[f"first_{mode}_reason"] = _text(first["reason"]) if first is not None else ""
@@ -321,15 +323,17 @@ def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
             [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
             + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
             + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_floor_ratio)),
-               Cell(_site_cell(r.first_accumulated, r.first_accumulated_verdict),
-                    r.first_accumulated_verdict or None),
-               Cell(_site_cell(r.first_local, r.first_local_verdict),
+               Cell(_site_cell(r.first_accumulated, r.first_accumulated_verdict,
+                               r.has_accumulated), r.first_accumulated_verdict or None),
+               Cell(_site_cell(r.first_local, r.first_local_verdict, r.has_local),
                     r.first_local_verdict or None),
                Cell(reason), Cell(r.main_cause)]))
     return DocTable(head, tuple(rows))
 
 
-def _site_cell(site: str, verdict: str) -> str:
+def _site_cell(site: str, verdict: str, measured: bool) -> str:
+    if not measured:
+        return "not measured"
     return f"{site} ({verdict})" if site else "none"
 
 
@@ -371,9 +375,10 @@ def _overflow_blocks(div: pd.DataFrame) -> list:
 def _magnitude(row) -> str:
     h = float(row["headroom"])
     if not math.isnan(h) and h < 1:
-        return f"the reference peaks at {_num(1 / h)}x the {row['dtype']} max"
+        return (f"the reference peaks at {_num(1 / h)}x the {row['dtype']} max: no "
+                f"{row['dtype']} implementation can hold this site")
     return (f"the reference fits ({_num(h)}x below the {row['dtype']} max): an intermediate "
-            f"of the subject overflows")
+            f"of the subject overflows (e.g. a product formed before its scale)")
 
 
 def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
@@ -636,7 +641,7 @@ def _check_frames(div, attribution) -> None:
     missing = [c for c in DIVERGENCE_COLUMNS if c not in div.columns]
     if missing:
         raise ParityError(f"report: the divergence table lacks columns {missing}")
-    unknown = sorted(set(div["verdict"].unique()) - set(VERDICTS))
+    unknown = sorted(map(str, set(div["verdict"].unique()) - set(VERDICTS)))
     if unknown:
         raise ParityError(f"report: unknown verdicts {unknown} (expected one of {VERDICTS})")
     if div.empty:

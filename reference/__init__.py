@@ -32,11 +32,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def forward(cfg: ModelConfig, weights, input_ids, attention_mask=None, position_ids=None,
-            past=None, sites=None, floor: str | None = None) -> Trace:
+            past=None, sites=None, floor: str | None = None, floor_sites=None) -> Trace:
     """Run the float64 reference (or, with floor="float16"/"bfloat16", the rounding floor:
-    the same math with every weight, matmul output and site output rounded to that dtype)."""
+    the same math with every weight, matmul output and site output rounded to that dtype;
+    `floor_sites` maps site names to another dtype where the implementation being measured keeps
+    that site wider, e.g. {"blocks.0.attn.scores": "float32"} for upcast attention scores)."""
     return _drive(MODULES[cfg.family], cfg, weights, input_ids, attention_mask, position_ids,
-                  past, sites, floor)
+                  past, sites, floor, floor_sites)
 
 
 __all__ = ["FAMILIES", "BLOCK_SITES", "ConfigError", "ModelConfig", "Trace", "forward",

@@ -45,13 +45,19 @@ class Context:
     past: list | None = None
     present: list = field(default_factory=list)
     rnd: Callable[[np.ndarray], np.ndarray] = ops.identity
+    floor_sites: Mapping | None = None  # floor mode: per-site dtype where it differs
     last_logits: np.ndarray | None = None
     _visible: dict = field(default_factory=dict)
 
     # -- helpers used by the family modules
     def site(self, name: str, x: np.ndarray) -> np.ndarray:
         """Round a site output (floor mode) and record it."""
-        return self.rec(name, self.rnd(x))
+        return self.rec(name, self.round_site(name, x))
+
+    def round_site(self, name: str, x: np.ndarray) -> np.ndarray:
+        if self.floor_sites and name in self.floor_sites:
+            return ops.round_to(x, self.floor_sites[name])
+        return self.rnd(x)
 
     def w(self, name: str) -> np.ndarray:
         return self.W[name]
@@ -95,7 +101,7 @@ class Context:
             k = np.concatenate([pk, k], axis=2)
             v = np.concatenate([pv, v], axis=2)
         self.present.append((k, v))
-        scores = self.rnd(scale * (q @ k.transpose(0, 1, 3, 2)))  # (B, H, T, Tk)
+        scores = self.round_site(p + "scores", scale * (q @ k.transpose(0, 1, 3, 2)))  # (B,H,T,Tk)
         scores = np.where(self.visible(i), scores, -np.inf)
         self.rec(p + "scores", scores)
         probs = self.site(p + "probs", ops.softmax(scores, axis=-1))
@@ -112,6 +118,7 @@ def make_context(
     past=None,
     sites=None,
     floor: str | None = None,
+    floor_sites: Mapping | None = None,
 ) -> tuple[Context, Trace]:
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -146,14 +153,15 @@ def make_context(
         key_mask=key_mask,
         past=past,
         rnd=rnd,
+        floor_sites=floor_sites if floor is not None else None,
     )
     return ctx, trace
 
 
 def forward(family_module, cfg, weights, input_ids, attention_mask=None, position_ids=None,
-            past=None, sites=None, floor=None) -> Trace:
+            past=None, sites=None, floor=None, floor_sites=None) -> Trace:
     ctx, trace = make_context(
-        cfg, weights, input_ids, attention_mask, position_ids, past, sites, floor
+        cfg, weights, input_ids, attention_mask, position_ids, past, sites, floor, floor_sites
     )
     h = family_module.embed(ctx, trace.input_ids)
     for i in range(cfg.n_layer):

@@ -73,9 +73,10 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     (such rows belong to padded queries and are never compared)."""
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(x - m)
-    s = e.sum(axis=axis, keepdims=True)
-    return e / np.where(s > 0, s, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # +inf scores (an overflowed floor) give nan
+        e = np.exp(x - m)
+        s = e.sum(axis=axis, keepdims=True)
+        return e / np.where(s > 0, s, 1.0)
 
 
 def visible_keys(

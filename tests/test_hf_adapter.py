@@ -291,3 +291,19 @@ def test_parity_trace_impl_hf(tiny_checkpoints, tmp_path, capsys):
     direct = hf_adapter.run(ck, Inputs(np.array([[1, 2, 3]])), dtype="float32")
     assert np.array_equal(g.logits, direct.logits)
     assert set(g.sites) == set(direct.sites)
+
+
+def test_a_weight_missing_from_the_file_is_an_error_not_a_random_init(ckpts, tmp_path):
+    """transformers fills a missing weight with a random init and warns; the adapter refuses."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = ckpts["gpt2"]
+    tensors = load_file(str(ck.path / "model.safetensors"))
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(ck.path / "config.json", tmp_path / "config.json")
+    with pytest.raises(ParityError, match=r"did not load.*h\.1\.mlp\.c_fc\.bias"):
+        hf_adapter.load(dataclasses.replace(ck, path=tmp_path), dtype="float32")

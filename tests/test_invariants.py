@@ -61,6 +61,27 @@ def draw_model(data, family=None, **kw):
     return cfg, weights_for(cfg, data.draw(seeds(), label="seed"))
 
 
+# ------------------------------------------------------------------------------- the strategies
+@given(data=st.data())
+def test_strategies_draw_valid_models_and_batches(data):
+    """The strategies' own contract, which the properties below lean on."""
+    cfg, W = draw_model(data)
+    assert {k: v.shape for k, v in W.items()} == reference.param_shapes(cfg)
+    assert all(v.dtype == np.float64 and np.isfinite(v).all() for v in W.values())
+    ids, mask, pos = data.draw(token_batches(cfg), label="batch")
+    b, t = ids.shape
+    assert ids.dtype == np.int64 and 1 <= t <= cfg.n_positions
+    assert ids.min() >= 0 and ids.max() < cfg.vocab_size
+    if mask is not None:
+        assert mask.shape == (b, t) and (mask.sum(axis=1) >= 1).all()
+        assert (np.diff(mask, axis=1) >= 0).all(), "padding must be on the left"
+    if pos is not None:
+        assert pos.shape == (b, t) and pos.min() >= 0 and pos.max() < cfg.n_positions
+        for r in range(b):
+            real = real_positions(mask, r, t)
+            assert (pos[r, real] == np.arange(len(real))).all()
+
+
 # ------------------------------------------------------------------------------- causality
 @given(data=st.data())
 def test_changing_a_token_changes_nothing_before_it(data):

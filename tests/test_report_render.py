@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -229,6 +230,16 @@ def test_csv_round_trips(rendered, frames):
             np.testing.assert_array_equal(back[col].to_numpy(), div[col].to_numpy(), err_msg=col)
 
 
+def test_csv_floats_have_six_significant_digits(frames):
+    div, _ = frames
+    third = div.head(1).assign(rel_l2=1 / 3, max_abs=2e-7 / 3)
+    line = report.render_csv(third).decode().splitlines()[1].split(",")
+    cols = list(third.columns)
+    assert line[cols.index("rel_l2")] == "0.333333"
+    assert line[cols.index("max_abs")] == "6.66667e-08"
+    assert report.render_csv(third) == report.render_csv(third.copy())
+
+
 def test_run_json(rendered):
     import json
     text = rendered[1]["run.json"].read_text()
@@ -249,7 +260,7 @@ def test_render_is_identical_in_a_fresh_process(frames, rendered, tmp_path):
     code = ("import pickle,sys; from parity import report; (d,a),run,t = pickle.load("
             "open(sys.argv[1],'rb')); report.write_report(sys.argv[2], d, a, run, t)")
     subprocess.run([sys.executable, "-c", code, str(pkl), str(tmp_path / "fresh")], check=True,
-                   env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+                   env={**os.environ, "PYTHONHASHSEED": "12345"},
                    cwd=Path(__file__).resolve().parents[1])
     for name, p in rendered[1].items():
         assert p.read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
@@ -350,6 +361,15 @@ def test_verdict_follows_the_worst_row(tmp_path):
     overflowed = warned.copy()
     overflowed.loc[overflowed.index[3], "verdict"] = "overflow"
     assert report.overall_verdict(overflowed) == "FAIL"
+
+
+def test_missing_local_mode_is_not_a_clean_local(frames):
+    """A subject compared only in accumulated mode says so instead of 'none'."""
+    div, attr = frames
+    acc_only = div[div["mode"] == "accumulated"]
+    md = report.render_markdown(acc_only, attr, RUN, TITLE)
+    row, = find_row(md_tables(md), ["first divergent (local)"], **subject_match(WARN_SUBJECT))
+    assert row["first divergent (local)"] == "not measured"
 
 
 # ---------------------------------------------------------------------------- index.html
