@@ -156,6 +156,37 @@ def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str) -
     return "pass", ""
 
 
+def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dtypes: dict,
+                 rows, policy: dict, *, mode: str, family: str, label: str, variant: str,
+                 dtype: str, subject_dtype: str, device: str, emulate: bool) -> list[dict]:
+    """One record per site present in both the reference and the subject, in reference order."""
+    out = []
+    for site, r in ref_sites.items():
+        if site not in sub_sites:
+            continue
+        sdt = dtypes.get(site, dtype)
+        m = site_row(site, sub_sites[site], r, None if floor_sites is None else
+                     floor_sites.get(site), rows, sdt, dtype)
+        budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
+                              mode=mode, checkpoint=label)
+        v, why = verdict(m, budget, site, sdt, dtype)
+        out.append(dict(
+            family=family, checkpoint=label, variant=variant, dtype=subject_dtype, device=device,
+            emulate=emulate, mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),
+            site_dtype=sdt, budget_warn=budget.floor_ratio_warn,
+            budget_fail=budget.floor_ratio_fail, verdict=v, reason=why,
+            **{k: m[k] for k in ("max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
+                                 "floor_rel_l2", "floor_ratio", "nonfinite", "headroom",
+                                 "ref_max_abs", "top1", "kl")}))
+    return out
+
+
+def to_frame(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
 def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label: str = "",
             modes=MODES, policy: dict | None = None, ref_trace=None, progress=None) -> pd.DataFrame:
     """Compare every subject with the reference on one checkpoint; long-format DataFrame."""
@@ -182,34 +213,15 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
                     floor=dtype, floor_sites=wide).sites,
                 "local": floor_local(cfg, weights, inputs, streams, dtype, wide)}
         for mode in modes:
-            sites = traces[mode]
             flo = floors.get(key, {}).get(mode)
-            for site, r in ref.sites.items():
-                if site not in sites:
-                    continue
-                sdt = dtypes.get(site, dtype)
-                m = site_row(site, sites[site], r, None if flo is None else flo.get(site),
-                             rows, sdt, dtype)
-                budget = B.budget_for(policy, dtype=dtype, family=cfg.family,
-                                      variant=subject.variant, site=site, mode=mode,
-                                      checkpoint=label)
-                v, why = verdict(m, budget, site, sdt, dtype)
-                records.append(dict(
-                    family=cfg.family, checkpoint=label, variant=subject.variant,
-                    dtype=subject.dtype,
-                    device=meta.get("device", subject.device),
-                    emulate=str(meta.get("emulate", "")) in ("True", "on", "true"),
-                    mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),
-                    site_dtype=sdt, budget_warn=budget.floor_ratio_warn,
-                    budget_fail=budget.floor_ratio_fail, verdict=v, reason=why,
-                    **{k: m[k] for k in ("max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
-                                         "floor_rel_l2", "floor_ratio", "nonfinite", "headroom",
-                                         "ref_max_abs", "top1", "kl")}))
+            records += make_records(ref.sites, traces[mode], flo, dtypes, rows, policy, mode=mode,
+                                    family=cfg.family, label=label, variant=subject.variant,
+                                    dtype=dtype, subject_dtype=subject.dtype,
+                                    device=meta.get("device", subject.device),
+                                    emulate=str(meta.get("emulate", "")) in ("True", "on", "true"))
         if progress:
             progress(subject)
-    df = pd.DataFrame.from_records(records, columns=COLUMNS)
-    df["layer"] = df["layer"].astype("Int64")
-    return df
+    return to_frame(records)
 
 
 def first_divergent(df: pd.DataFrame, mode: str = "accumulated") -> pd.DataFrame:

@@ -38,7 +38,10 @@ DIVERGENCE_COLUMNS = (
 ATTRIBUTION_COLUMNS = (
     "family", "checkpoint", "variant", "dtype", "target", "knob", "from_value", "to_value",
     "error_before", "error_after", "share", "note")
-VERDICTS = ("pass", "warn", "fail", "overflow")   # increasing severity
+# increasing severity, as the engine ranks them: 'overflow' means the reference itself exceeds
+# the dtype's range at a site (no implementation in that dtype can hold it); 'fail' means the
+# subject made an error over budget, non-finite values where the reference fits included
+VERDICTS = ("pass", "warn", "overflow", "fail")
 SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
 FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
 PNG_DPI = 72              # ~40 kB a figure: 80 subjects stay far under the 3 MB page budget
@@ -72,7 +75,8 @@ def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | 
 def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None,
                      problems_only: bool = False):
     """A rich Table, one row per subject: verdict, logit floor_ratio, top-1 agreement, first
-    divergent site (accumulated, and the local one when it differs) and the main cause.
+    divergent site (accumulated, and the local one when it differs) and, for a subject that is
+    not a pass, the main cause (the knob whose flip removes most of its logit error).
     `problems_only` keeps the subjects that are not a pass (the caption still counts all)."""
     from rich.table import Table
     from rich.text import Text
@@ -94,7 +98,8 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
         table.add_row(r.family, r.checkpoint, r.variant, r.dtype,
                       Text(r.verdict.upper() if r.verdict != "pass" else "pass",
                            style=RICH_STYLE[r.verdict]),
-                      _num(r.logits_floor_ratio), _pct(r.top1), first, r.main_cause)
+                      _num(r.logits_floor_ratio), _pct(r.top1), first,
+                      r.main_cause if r.verdict != "pass" else "")
     return table
 
 
@@ -103,11 +108,11 @@ RICH_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "overflow":
 
 # ============================================================================ analysis
 def overall_verdict(divergence: pd.DataFrame) -> str:
-    """PASS, WARN or FAIL (an overflow is a failure). An empty frame is an error, never a pass."""
+    """The worst verdict of any row, upper-case: PASS, WARN, OVERFLOW or FAIL. An empty frame
+    is an error, never a pass."""
     if divergence.empty:
         raise ParityError("the divergence frame is empty: nothing was compared")
-    worst = max(VERDICTS.index(v) for v in divergence["verdict"].unique())
-    return ("PASS", "WARN", "FAIL", "FAIL")[worst]
+    return _worst(divergence["verdict"].unique()).upper()
 
 
 def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None
@@ -120,6 +125,7 @@ def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = N
     for key, g in divergence.groupby(list(SUBJECT), sort=False, dropna=False):
         rec = dict(zip(SUBJECT, key))
         rec["verdict"] = _worst(g["verdict"])
+        rec["has_overflow"] = bool((g["verdict"] == "overflow").any())
         acc = g[g["mode"] == "accumulated"]
         logit = acc[acc["site"] == "logits"]
         lg = logit.iloc[0] if len(logit) else None
@@ -151,18 +157,18 @@ def _worst(verdicts) -> str:
 def attribution_sentence(row) -> str:
     """One attribution row as a sentence: how much of the subject's logit error (vs the
     reference, or vs another variant) disappears when that knob alone is flipped."""
-    r = row if isinstance(row, dict) else row._asdict() if hasattr(row, "_asdict") else dict(row)
-    where = f"{r['family']}/{r['checkpoint']}"
-    if r["target"] == "reference":
-        what = f"the {r['dtype']} logit error of {r['variant']} on {where}"
-    else:
-        what = f"the {r['dtype']} logit divergence of {r['variant']} from {r['target']} on {where}"
-    flip = f"{r['knob']}={r['from_value']}->{r['to_value']}"
-    share = float(r["share"])
-    figures = f" (logit rel_l2 {_num(r['error_before'])} -> {_num(r['error_after'])})"
-    if math.isnan(share):
-        text = f"{flip}: nothing to attribute, {what} is zero"
-        figures = ""
+    r = _record(row)
+    what, flip = _attr_what(r), _attr_flip(r)
+    before, after, share = float(r["error_before"]), float(r["error_after"]), float(r["share"])
+    if before == 0:
+        text = (f"{what} is zero; {flip} keeps it there" if after == 0
+                else f"{what} is zero; {flip} makes it {_num(after)}")
+    elif math.isinf(before) and math.isinf(after):
+        text = f"{flip} leaves {what} non-finite"
+    elif math.isinf(after):
+        text = f"{flip} makes {what} non-finite"
+    elif math.isnan(share):
+        text = f"{flip}: no share can be computed for {what}"
     elif round(share * 100) > 0:
         text = f"{share:.0%} of {what} disappears with {flip}"
     elif round(share * 100) < 0:
@@ -170,7 +176,33 @@ def attribution_sentence(row) -> str:
     else:
         text = f"{flip} changes {what} by under 0.5%"
     note = _text(r.get("note"))
-    return text + figures + (f"; {note}" if note else "")
+    return (text + f" (logit rel_l2 {_num(before)} -> {_num(after)})"
+            + (f"; {note}" if note else ""))
+
+
+def _record(row) -> dict:
+    return row if isinstance(row, dict) else row._asdict() if hasattr(row, "_asdict") \
+        else dict(row)
+
+
+def _attr_what(r) -> str:
+    where = f"{r['family']}/{r['checkpoint']}"
+    if r["target"] == "reference":
+        return f"the {r['dtype']} logit error of {r['variant']} on {where}"
+    return f"the {r['dtype']} logit divergence of {r['variant']} from {r['target']} on {where}"
+
+
+def _attr_flip(r) -> str:
+    return f"{r['knob']}={r['from_value']}->{r['to_value']}"
+
+
+def _visible(r) -> bool:
+    """Whether a knob flip changes the logit error enough to be worth a sentence: a share that
+    rounds to at least 1%, or a change in whether the error is zero or finite."""
+    before, after, share = float(r["error_before"]), float(r["error_after"]), float(r["share"])
+    if (before == 0) != (after == 0) or math.isinf(before) != math.isinf(after):
+        return True
+    return not math.isnan(share) and round(share * 100) != 0
 
 
 def _main_causes(attribution) -> dict:
@@ -215,7 +247,7 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     blocks.append(("h2", "At a glance"))
     blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes, "
                         "and its floor_ratio at the logits (accumulated; 1 = as good as the "
-                        "dtype allows)."))
+                        "dtype allows); +overflow: some site's reference exceeds the dtype."))
     for ckpt in pd.unique(subj["checkpoint"]):
         blocks += [("h3", f"checkpoint {ckpt}"), ("table", _matrix(subj, ckpt, multi_dev))]
 
@@ -231,7 +263,7 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         blocks.append(("table", _divergence_table(bad, multi_dev)))
 
     blocks.append(("h2", "Why"))
-    blocks += _why_blocks(attribution)
+    blocks += _why_blocks(attribution, subj)
 
     if with_plots:
         blocks.append(("h2", "Error against layer"))
@@ -244,7 +276,7 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
             if png is not None:
                 blocks.append(("img", (png, f"{fam} / {ckpt}")))
 
-    blocks.append(("h2", "Overflow"))
+    blocks.append(("h2", "Overflow and non-finite values"))
     blocks += _overflow_blocks(div)
 
     blocks.append(("h2", "Logits, every subject"))
@@ -257,8 +289,9 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         "floor_ratio = rel_l2 of the subject / rel_l2 of the rounding floor (the float64 math "
         "with every op rounded once to the dtype: the best any implementation in that dtype can "
         "do). Healthy half-precision paths sit near 1; bugs land orders of magnitude away.",
-        "warn / fail: floor_ratio over the site's budgets (parity/budgets.toml); overflow: "
-        "non-finite values where the reference is finite. headroom = dtype max / max|reference|.",
+        "warn / fail: floor_ratio over the site's budgets (parity/budgets.toml), or non-finite "
+        "values where the reference is finite (fail); overflow: the reference itself exceeds "
+        "the dtype's range at that site. headroom = dtype max / max|reference|.",
         "top1 = share of tokens whose arg-max logit matches the reference; KL = mean "
         "KL(reference || subject) of the next-token distributions.",
         "divergence.csv holds every figure for every site; run.json the environment."]))
@@ -272,9 +305,8 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
 
 def _count_line(subj: pd.DataFrame) -> str:
     n = {v: int((subj["verdict"] == v).sum()) for v in VERDICTS}
-    over = n["fail"] + n["overflow"]
-    return (f"{over} of {len(subj)} subjects over budget ({n['fail']} fail, {n['overflow']} "
-            f"overflow), {n['warn']} warn, {n['pass']} pass")
+    return (f"{n['fail']} of {len(subj)} subjects fail, {n['overflow']} overflow, "
+            f"{n['warn']} warn, {n['pass']} pass")
 
 
 def _column_label(r, multi_dev: bool) -> str:
@@ -303,7 +335,8 @@ def _matrix(subj: pd.DataFrame, ckpt, multi_dev: bool) -> DocTable:
                 continue
             v = _worst(r.verdict for r in rs)
             ratio = max((r.logits_floor_ratio for r in rs), key=_nan_low)
-            row.append(Cell(f"{_vlabel(v)} {_num(ratio)}", v))
+            extra = " +overflow" if v != "overflow" and any(r.has_overflow for r in rs) else ""
+            row.append(Cell(f"{_vlabel(v)} {_num(ratio)}{extra}", v))
         rows.append(tuple(row))
     return DocTable(("family", *cols), tuple(rows))
 
@@ -337,48 +370,103 @@ def _site_cell(site: str, verdict: str, measured: bool) -> str:
     return f"{site} ({verdict})" if site else "none"
 
 
-def _why_blocks(attribution) -> list:
+def _why_blocks(attribution, subj: pd.DataFrame) -> list:
+    """Sentences for the subjects that are not a pass and for every subject-vs-subject pair
+    (flips with no visible effect folded into one line), then the share of every knob for every
+    subject in one table, where a reader can see that on healthy subjects no knob matters."""
     if attribution is None or attribution.empty:
         return [("p", "No attribution was computed for this run.")]
+    verdict = {tuple(r[:4]): r[4] for r in subj[list(SUBJECT[:4]) + ["verdict"]].itertuples(
+        index=False)}
     blocks = [("p", "Each knob flipped alone to its precise choice, the rest of the subject "
                     "unchanged: the share of the logit error that disappears (negative: the "
                     "error grows).")]
-    for key, g in attribution.groupby(list(SUBJECT[:4]) + ["target"], sort=False):
-        fam, ckpt, var, dt, target = key
-        g = g.sort_values("share", ascending=False, kind="stable", na_position="last")
-        vs = "the reference" if target == "reference" else target
-        blocks.append(("h3", f"{fam} / {ckpt} / {var} / {dt} vs {vs}"))
-        blocks.append(("ul", [attribution_sentence(r) for r in g.to_dict("records")]))
+    groups = list(attribution.groupby(list(SUBJECT[:4]) + ["target"], sort=False))
+    bad = [(k, g) for k, g in groups
+           if k[4] == "reference" and verdict.get(k[:4], "pass") != "pass"]
+    pairs = [(k, g) for k, g in groups if k[4] != "reference"]
+    for heading, chosen in (("Subjects over budget", bad),
+                            ("Where two presets part ways", pairs)):
+        if not chosen:
+            continue
+        blocks.append(("h3", heading))
+        for key, g in chosen:
+            fam, ckpt, var, dt, target = key
+            recs = g.sort_values("share", ascending=False, kind="stable",
+                                 na_position="last").to_dict("records")
+            vs = "the reference" if target == "reference" else target
+            items = [attribution_sentence(r) for r in recs if _visible(r)]
+            quiet = [_attr_flip(r) for r in recs if not _visible(r)]
+            if quiet:
+                items.append(f"no visible effect (under 0.5% each): {', '.join(quiet)}")
+            blocks.append(("p", f"{fam} / {ckpt} / {var} / {dt} vs {vs}:"))
+            blocks.append(("ul", items))
+    ref = attribution[attribution["target"] == "reference"]
+    if len(ref):
+        blocks.append(("h3", "Every knob, every subject (share of the logit error vs the "
+                             "reference)"))
+        blocks.append(("p", "Share of each subject's logit error that disappears when the knob "
+                            "alone takes its precise choice (+: the knob costs accuracy; "
+                            "inf: non-finite logits; 0 -> x: no error "
+                            "before; blank: the preset already uses the precise choice)."))
+        blocks.append(("table", _share_table(ref, verdict)))
     return blocks
 
 
-def _overflow_blocks(div: pd.DataFrame) -> list:
-    o = div[div["verdict"] == "overflow"]
-    if o.empty:
-        return [("p", "No site overflowed: every value the reference keeps finite stayed "
-                      "finite.")]
+def _share_table(ref: pd.DataFrame, verdict: dict) -> DocTable:
+    knobs = list(pd.unique(ref["knob"]))
     rows = []
-    for key, g in o.groupby(list(SUBJECT) + ["mode"], sort=False, dropna=False):
+    for key, g in ref.groupby(list(SUBJECT[:4]), sort=False):
+        by_knob = {r["knob"]: r for r in g.to_dict("records")}
+        v = verdict.get(key, "pass")
+        rows.append(tuple([Cell(str(k)) for k in key] + [Cell(_vlabel(v), v)]
+                          + [Cell(_share_cell(by_knob[k]) if k in by_knob else "") for k in knobs]))
+    return DocTable(("family", "checkpoint", "variant", "dtype", "verdict", *knobs), tuple(rows))
+
+
+def _share_cell(r) -> str:
+    before, after, share = float(r["error_before"]), float(r["error_after"]), float(r["share"])
+    if math.isinf(before):          # non-finite logits: a share means nothing
+        return "still inf" if math.isinf(after) else "removes inf"
+    if math.isinf(after):
+        return "makes inf"
+    if before == 0:
+        return f"0 -> {_num(after)}"
+    if math.isnan(share):
+        return DASH
+    pct = round(share * 100)
+    return "0%" if pct == 0 else f"{pct:+d}%"
+
+
+def _overflow_blocks(div: pd.DataFrame) -> list:
+    """Where values stopped being finite: sites whose reference exceeds the dtype ('overflow')
+    and sites where the subject produced inf/NaN although the reference fits (a 'fail')."""
+    hit = div[(div["verdict"] == "overflow") | (div["nonfinite"] > 0)]
+    if hit.empty:
+        return [("p", "Every value stayed finite, and every reference value fits its dtype.")]
+    rows = []
+    for _, g in hit.groupby(list(SUBJECT) + ["mode"], sort=False, dropna=False):
         first = g.iloc[0]
         rows.append((Cell(first["family"]), Cell(first["checkpoint"]), Cell(first["variant"]),
                      Cell(first["dtype"]), Cell(first["mode"]),
-                     Cell(first["site"], "overflow"), Cell(str(len(g))),
+                     Cell(first["site"], first["verdict"]), Cell(str(len(g))),
                      Cell(str(int(first["nonfinite"]))), Cell(_num(first["headroom"])),
                      Cell(_magnitude(first))))
-    return [("p", "Subjects with non-finite values where the reference is finite: the first "
-                  "overflowing site per mode, how many sites overflow, and why."),
+    return [("p", "Per subject and mode: the first site with non-finite values or a reference "
+                  "beyond the dtype's range, how many sites are affected, and why (headroom = "
+                  "dtype max / max|reference|: below 1 the dtype cannot hold the site)."),
             ("table", DocTable(("family", "checkpoint", "variant", "dtype", "mode", "first site",
-                             "sites", "non-finite values", "headroom", "magnitude"),
-                            tuple(rows)))]
+                                "sites", "non-finite values", "headroom", "magnitude"),
+                               tuple(rows)))]
 
 
 def _magnitude(row) -> str:
-    h = float(row["headroom"])
+    h, dt = float(row["headroom"]), row["dtype"]
     if not math.isnan(h) and h < 1:
-        return (f"the reference peaks at {_num(1 / h)}x the {row['dtype']} max: no "
-                f"{row['dtype']} implementation can hold this site")
-    return (f"the reference fits ({_num(h)}x below the {row['dtype']} max): an intermediate "
-            f"of the subject overflows (e.g. a product formed before its scale)")
+        return (f"the reference peaks at {_num(1 / h)}x the {dt} max: no {dt} "
+                f"implementation can hold this site")
+    return (f"the reference fits ({_num(h)}x below the {dt} max): the subject overflowed in "
+            f"an intermediate (e.g. a product formed before its scale)")
 
 
 def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:

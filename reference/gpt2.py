@@ -39,7 +39,7 @@ def attn_scale(cfg, i: int) -> float:
 
 
 def embed(ctx: Context, ids):
-    h = ctx.w("wte.weight")[ids] + ctx.w("wpe.weight")[ctx.position_ids]  # (B, T, d)
+    h = ctx.gather("wte.weight", ids) + ctx.gather("wpe.weight", ctx.position_ids)  # (B, T, d)
     return ctx.site("embed", h)
 
 
@@ -69,6 +69,6 @@ def block(ctx: Context, i: int, h):
 
 def head(ctx: Context, h):
     h = ctx.site("ln_f", ctx.layer_norm(h, "ln_f"))
-    w = ctx.w("wte.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight")
-    ctx.last_logits = ctx.site("logits", ctx.rnd(h @ w.T))
+    w = "wte.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight"
+    ctx.last_logits = ctx.site("logits", ctx.rnd(ctx.matmul(h, w, True)))
     return ctx.last_logits

@@ -33,7 +33,7 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def embed(ctx: Context, ids):
-    return ctx.site("embed", ctx.w("wte.weight")[ids])
+    return ctx.site("embed", ctx.gather("wte.weight", ids))
 
 
 def attention(ctx: Context, i: int, x):
@@ -65,7 +65,7 @@ def block(ctx: Context, i: int, h):
 
 def head(ctx: Context, h):
     h = ctx.site("ln_f", ctx.layer_norm(h, "ln_f"))
-    w = ctx.w("wte.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight")
-    logits = h @ w.T + ctx.w("lm_head.bias")  # the bias stays when the weight is tied
+    w = "wte.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight"
+    logits = ctx.matmul(h, w, True) + ctx.w("lm_head.bias")  # the bias stays when the weight is tied
     ctx.last_logits = ctx.site("logits", ctx.rnd(logits))
     return ctx.last_logits

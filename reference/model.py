@@ -62,13 +62,23 @@ class Context:
     def w(self, name: str) -> np.ndarray:
         return self.W[name]
 
+    def gather(self, name: str, index) -> np.ndarray:
+        """Rows `index` of an embedding table (B, T) -> (B, T, d)."""
+        return self.W[name][index]
+
+    def matmul(self, x, name: str, transpose: bool) -> np.ndarray:
+        """x @ W (transpose=False, Conv1D [in, out]) or x @ W^T (nn.Linear [out, in]).
+        One place, so that a streaming context can read W in chunks."""
+        w = self.W[name]
+        return x @ (w.T if transpose else w)
+
     def conv1d(self, x, prefix):
         """HF Conv1D: weight [in, out]; y = x W + b (one GEMM, one rounding)."""
-        return self.rnd(x @ self.W[prefix + ".weight"] + self.W[prefix + ".bias"])
+        return self.rnd(self.matmul(x, prefix + ".weight", False) + self.W[prefix + ".bias"])
 
     def linear(self, x, prefix, bias=True):
         """nn.Linear: weight [out, in]; y = x W^T (+ b)."""
-        y = x @ self.W[prefix + ".weight"].T
+        y = self.matmul(x, prefix + ".weight", True)
         if bias:
             y = y + self.W[prefix + ".bias"]
         return self.rnd(y)
@@ -119,6 +129,8 @@ def make_context(
     sites=None,
     floor: str | None = None,
     floor_sites: Mapping | None = None,
+    context_cls=Context,
+    **context_fields,
 ) -> tuple[Context, Trace]:
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -144,7 +156,7 @@ def make_context(
     )
     rnd = ops.identity if floor is None else (lambda x: ops.round_to(x, dtype))
     W = weights if floor is None else RoundedWeights(weights, dtype)
-    ctx = Context(
+    ctx = context_cls(
         cfg=cfg,
         W=W,
         rec=Recorder(trace, sites, dtype),
@@ -153,7 +165,8 @@ def make_context(
         key_mask=key_mask,
         past=past,
         rnd=rnd,
-        floor_sites=floor_sites if floor is not None else None,
+        floor_sites=dict(floor_sites or {}) if floor is not None else None,
+        **context_fields,
     )
     return ctx, trace
 

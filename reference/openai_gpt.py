@@ -31,7 +31,7 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def embed(ctx: Context, ids):
-    h = ctx.w("tokens_embed.weight")[ids] + ctx.w("positions_embed.weight")[ctx.position_ids]
+    h = ctx.gather("tokens_embed.weight", ids) + ctx.gather("positions_embed.weight", ctx.position_ids)
     return ctx.site("embed", h)
 
 
@@ -55,6 +55,6 @@ def block(ctx: Context, i: int, h):
 
 
 def head(ctx: Context, h):
-    w = ctx.w("tokens_embed.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight")
-    ctx.last_logits = ctx.site("logits", ctx.rnd(h @ w.T))
+    w = "tokens_embed.weight" if ctx.cfg.tie_word_embeddings else "lm_head.weight"
+    ctx.last_logits = ctx.site("logits", ctx.rnd(ctx.matmul(h, w, True)))
     return ctx.last_logits
