@@ -310,8 +310,11 @@ def _shards(index: Path) -> list[Path]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
     out = []
+    root = index.parent.resolve()
     for n in names:
         f = index.parent / n
+        if not isinstance(n, str) or root not in (f.resolve().parents):
+            raise CheckpointError(f"{index}: shard {n!r} lies outside the checkpoint folder")
         if not f.is_file():
             raise CheckpointError(f"{index}: shard {n} is missing")
         out.append(f)

@@ -60,6 +60,7 @@ def write_golden(path: str | os.PathLike, trace, meta: dict[str, str], sites=Non
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=md)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a golden is a shared artifact
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -174,6 +174,7 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
         fname = ("model.safetensors" if len(groups) == 1
                  else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors")
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        os.chmod(out / fname, 0o644)  # safetensors writes 0600; a checkpoint is shared data
         files.update({k: fname for k in tensors})
         del tensors
     if len(groups) > 1:

@@ -68,6 +68,25 @@ def _int(d: dict, names: tuple[str, ...], default=None) -> int:
     return v
 
 
+def _opt_int(d: dict, name: str):
+    """An optional positive int (None means the family default, e.g. 4*d for n_inner)."""
+    v = d.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"field {name!r} must be a positive integer or null, got {v!r}")
+    return v
+
+
+def _bool(d: dict, name: str, default: bool) -> bool:
+    v = d.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"field {name!r} must be true or false, got {v!r}")
+    return v
+
+
 def expand_attention_types(attention_types) -> tuple[str, ...]:
     """GPT-Neo: [[["global", "local"], 12]] -> ("global", "local", ...) 24 entries."""
     out: list[str] = []
@@ -96,7 +115,7 @@ def parse_config(d: dict) -> ModelConfig:
         defaults = {"openai-gpt": (40478, 512), "gpt2": (50257, 1024), "gptmeg": (50257, 1024)}
         v0, p0 = defaults[family]
         d_model = _int(d, ("n_embd", "hidden_size"), 768)
-        inner = _get(d, "n_inner", default=None)  # None means 4*d (OpenAI GPT has no field)
+        inner = _opt_int(d, "n_inner")  # None means 4*d (OpenAI GPT has no field)
         if family == "openai-gpt":
             act = _get(d, "afn", default="gelu")
             # OpenAI GPT's own table maps "gelu" to the tanh form (MODEL_NOTES section 1)
@@ -115,15 +134,13 @@ def parse_config(d: dict) -> ModelConfig:
             n_head=_int(d, ("n_head", "num_attention_heads"), 12),
             d_inner=inner if inner is not None else 4 * d_model,
             activation=act,
-            tie_word_embeddings=bool(_get(d, "tie_word_embeddings", default=True)),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", True),
         )
         if family != "openai-gpt":
             cfg.update(
-                scale_attn_weights=bool(_get(d, "scale_attn_weights", default=True)),
-                scale_attn_by_inverse_layer_idx=bool(
-                    _get(d, "scale_attn_by_inverse_layer_idx", default=False)
-                ),
-                reorder_and_upcast_attn=bool(_get(d, "reorder_and_upcast_attn", default=False)),
+                scale_attn_weights=_bool(d, "scale_attn_weights", True),
+                scale_attn_by_inverse_layer_idx=_bool(d, "scale_attn_by_inverse_layer_idx", False),
+                reorder_and_upcast_attn=_bool(d, "reorder_and_upcast_attn", False),
             )
     elif family == "gpt_neo":
         d_model = _int(d, ("hidden_size", "n_embd"), 2048)
@@ -135,7 +152,7 @@ def parse_config(d: dict) -> ModelConfig:
             raise ConfigError(
                 f"attention_types expands to {len(layers)} layers but num_layers is {n_layer}"
             )
-        inner = _get(d, "intermediate_size", default=None)
+        inner = _opt_int(d, "intermediate_size")
         cfg = dict(
             vocab_size=_int(d, ("vocab_size",), 50257),
             n_positions=_int(d, ("max_position_embeddings", "n_positions"), 2048),
@@ -144,13 +161,13 @@ def parse_config(d: dict) -> ModelConfig:
             n_head=_int(d, ("num_heads", "num_attention_heads", "n_head"), 16),
             d_inner=inner if inner is not None else 4 * d_model,
             activation=_get(d, "activation_function", default="gelu_new"),
-            tie_word_embeddings=bool(_get(d, "tie_word_embeddings", default=True)),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", True),
             attention_layers=layers,
             window_size=_int(d, ("window_size",), 256),
         )
     else:  # gptj
         d_model = _int(d, ("n_embd", "hidden_size"), 4096)
-        inner = _get(d, "n_inner", default=None)
+        inner = _opt_int(d, "n_inner")
         cfg = dict(
             vocab_size=_int(d, ("vocab_size",), 50400),  # 50257 used + 143 TPU padding rows
             n_positions=_int(d, ("n_positions", "max_position_embeddings"), 2048),
@@ -159,7 +176,7 @@ def parse_config(d: dict) -> ModelConfig:
             n_head=_int(d, ("n_head", "num_attention_heads"), 16),
             d_inner=inner if inner is not None else 4 * d_model,
             activation=_get(d, "activation_function", default="gelu_new"),
-            tie_word_embeddings=bool(_get(d, "tie_word_embeddings", default=False)),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", False),
             rotary_dim=_get(d, "rotary_dim", default=64),
         )
     c = ModelConfig(family=family, layer_norm_epsilon=eps, raw=dict(d), **cfg)

@@ -1,0 +1,306 @@
+"""`parity gate`: may this checkpoint ship, run the fast way? (issue 6)
+
+Four checks, each a named row with its figures and verdict:
+  structure     config readable and supported; every expected weight present, none unexpected
+                (legacy buffers aside); shapes agree with the config; all values finite; storage
+                dtypes; vocabulary: embedding rows against the tokenizer (GPT-J's 143
+                <|extratoken_N|> padding rows recognised as such);
+  golden:<file> the float64 reference on the golden's own inputs against its logits and sites,
+                at the tolerance its `dtype` metadata implies (catches conversion bugs);
+  subject       the subject against the float64 reference on the prompts, per site, in both
+                modes, with the budgets of the policy (lockstep, flat memory for --impl fast);
+  determinism   two subject runs agree bitwise.
+Verdicts: pass / warn / fail. Exit 0 pass (warn included), 1 fail, 2 bad input. Fails closed:
+an error anywhere is never a pass.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import reference
+
+from . import budgets as B
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .compare import Subject, overall, token_rows
+from .errors import ParityError
+from .inputs import Inputs, default_batch, load_tokenizer, validate_inputs
+
+GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
+GPT2_VOCAB = 50257  # the GPT-2 BPE vocabulary every GPT-2-tokenizer family uses
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # pass | warn | fail | skip
+    detail: str = ""
+    figures: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"check": self.name, "verdict": self.verdict, "detail": self.detail,
+                "figures": self.figures}
+
+
+@dataclass
+class GateResult:
+    checks: list[Check]
+    divergence: pd.DataFrame
+    meta: dict
+
+    @property
+    def verdict(self) -> str:
+        vs = {c.verdict for c in self.checks}
+        return "fail" if "fail" in vs else "warn" if "warn" in vs else "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.verdict == "fail" else 0
+
+
+# ----------------------------------------------------------------------------- structure
+def structure_check(ckpt: Checkpoint, progress=None) -> Check:
+    """Keys and shapes are bad input (raised as CheckpointError by validate); non-finite values
+    are a verdict: the checkpoint is readable but must not ship."""
+    ckpt.validate(check_values=False)
+    figures = {"family": ckpt.config.family, "layers": ckpt.config.n_layer,
+               "hidden": ckpt.config.d_model, "heads": ckpt.config.n_head,
+               "vocab_size": ckpt.config.vocab_size, "tensors": len(ckpt.entries),
+               "storage_dtypes": ckpt.storage_dtypes(), "ignored_keys": len(ckpt.ignored),
+               "format": ckpt.fmt}
+    bad = []
+    for n, name in enumerate(reference.param_shapes(ckpt.config)):
+        t = ckpt.tensor(name)
+        nonfinite = int((~np.isfinite(t.float().numpy())).sum()) if t.numel() else 0
+        if nonfinite:
+            bad.append(f"{name} ({nonfinite} non-finite)")
+        if progress and n % 16 == 0:
+            progress(f"structure: {name}")
+    problems, notes = [], []
+    if bad:
+        problems.append(f"non-finite weights: {', '.join(bad[:4])}"
+                        + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    vocab = vocabulary_check(ckpt)
+    figures.update(vocab["figures"])
+    problems += vocab["problems"]
+    notes += vocab["notes"]
+    verdict = "fail" if problems else ("warn" if vocab["warn"] else "pass")
+    return Check("structure", verdict, "; ".join(problems + notes) or "all weights present, "
+                 "shaped as the config says, finite", figures)
+
+
+def vocabulary_check(ckpt: Checkpoint) -> dict:
+    """Embedding rows against the tokenizer's size; GPT-J's padding rows recognised."""
+    out = {"figures": {}, "problems": [], "notes": [], "warn": False}
+    rows = ckpt.config.vocab_size
+    try:
+        tok = load_tokenizer(ckpt.path)
+    except ParityError as e:
+        if "no tokenizer files" in str(e):
+            out["notes"].append("no tokenizer files: vocabulary not checked")
+            return out
+        out["problems"].append(str(e))
+        return out
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    out["figures"].update(tokenizer_size=n, embedding_rows=rows)
+    if max(vocab.values(), default=-1) >= rows:
+        out["problems"].append(f"tokenizer ids reach {max(vocab.values())} but the embedding has "
+                               f"{rows} rows")
+    elif n < rows:
+        unused = rows - n
+        out["notes"].append(f"{unused} embedding rows beyond the tokenizer are never looked up")
+        out["warn"] = ckpt.config.family != "gptj"
+    else:
+        pad = sorted(i for t, i in vocab.items() if GPTJ_PADDING.match(t))
+        if pad:
+            out["figures"]["padding_rows"] = len(pad)
+            out["notes"].append(f"{len(pad)} TPU padding rows <|extratoken_N|> (ids {pad[0]}.."
+                                f"{pad[-1]}) recognised as unused padding")
+    return out
+
+
+# ----------------------------------------------------------------------------- goldens
+def golden_check(ckpt: Checkpoint, path: str) -> Check:
+    from .goldens import check_foreign_golden
+
+    res = check_foreign_golden(path, ckpt)
+    return Check(f"golden:{Path(path).name}", res["verdict"], res["detail"], res["figures"])
+
+
+# ----------------------------------------------------------------------------- subject
+def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: dict,
+                  impl: str, progress=None) -> tuple[Check, pd.DataFrame, dict]:
+    if impl == "fast":
+        from .fast import FastModel
+        from .lockstep import lockstep
+
+        model = FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
+                          emulate=subject.emulate, cache_weights=False)
+        df, _, _ = lockstep(ckpt, inputs, model, policy=policy, label=ckpt.path.name,
+                            variant=subject.variant,
+                            progress=(lambda i: progress(f"subject: layer {i + 1}/"
+                                                         f"{ckpt.config.n_layer}"))
+                            if progress else None)
+        meta = model.meta()
+    else:
+        from .compare import make_records, to_frame
+        from .subjects import run
+
+        ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                                inputs.attention_mask, inputs.position_ids)
+        sub = run("hf", ckpt, inputs, dtype=subject.dtype, device=subject.device,
+                  variant=subject.variant if subject.variant != "hf" else None)
+        floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                                  inputs.attention_mask, inputs.position_ids,
+                                  floor=subject.dtype if subject.dtype != "float64" else None,
+                                  floor_sites={k: v for k, v in sub.dtypes.items()
+                                               if v != subject.dtype and k != "logits"})
+        df = to_frame(make_records(
+            ref.sites, sub.sites, floor.sites if subject.dtype != "float64" else None,
+            sub.dtypes, token_rows(inputs), policy, mode="accumulated",
+            family=ckpt.config.family, label=ckpt.path.name, variant="transformers",
+            dtype=subject.dtype, subject_dtype=subject.dtype, device=subject.device,
+            emulate=False))
+        meta = dict(sub.meta, memory="--impl hf loads the whole model (not bounded)")
+    v = overall(df)
+    logits = df[(df["site"] == "logits") & (df["mode"] == "accumulated")].iloc[0]
+    bad = df[df["verdict"] != "pass"]
+    first = bad.iloc[0] if len(bad) else None
+    figures = {"logits_floor_ratio": _f(logits["floor_ratio"]), "top1": _f(logits["top1"]),
+               "kl": _f(logits["kl"]), "worst_floor_ratio": _f(df["floor_ratio"].max()),
+               "nonfinite": int(df["nonfinite"].sum()),
+               "min_headroom": _f(df["headroom"].min()), "sites_compared": int(len(df)),
+               "sites_over_budget": int((df["verdict"].isin(["fail", "overflow"])).sum())}
+    detail = (f"{impl} {subject.variant} {subject.dtype} on {subject.device}: "
+              + ("every site within budget" if first is None else
+                 f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "
+                 f"{first['reason']})"))
+    verdict = {"pass": "pass", "warn": "warn"}.get(v, "fail")
+    return Check("subject", verdict, detail, figures), df, meta
+
+
+def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: str) -> Check:
+    from .subjects import run
+
+    sites = "embed,blocks.*.resid_post,blocks.*.ln_2,logits"
+    kw = dict(variant=subject.variant if impl == "fast" else None, dtype=subject.dtype,
+              device=subject.device, sites=sites)
+    if impl == "fast":
+        kw["emulate"] = subject.emulate
+    a = run(impl, ckpt, inputs, **kw)
+    b = run(impl, ckpt, inputs, **kw)
+    diff = [s for s in a.sites if not np.array_equal(a.sites[s], b.sites[s], equal_nan=True)]
+    if diff:
+        return Check("determinism", "fail", f"two runs differ at {len(diff)} sites, first "
+                     f"{diff[0]}", {"sites_checked": len(a.sites), "sites_differing": len(diff)})
+    return Check("determinism", "pass", f"two runs bitwise identical at {len(a.sites)} sites",
+                 {"sites_checked": len(a.sites), "sites_differing": 0})
+
+
+def _f(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+# ----------------------------------------------------------------------------- prompts
+def load_prompts(path: str, ckpt: Checkpoint) -> Inputs:
+    """One prompt per line: token ids ("464 3290 318") or text (tokenized with the checkpoint's
+    tokenizer files). Rows are left-padded, with position ids counted from the first real token."""
+    from .inputs import tokenize
+
+    p = Path(path)
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParityError(f"{p}: cannot read prompts ({e})") from None
+    if not lines:
+        raise ParityError(f"{p}: no prompts")
+    if all(re.fullmatch(r"[\d\s,]+", ln) for ln in lines):
+        rows = [[int(t) for t in ln.replace(",", " ").split()] for ln in lines]
+        t = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), t), np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, t - len(r):] = r
+            mask[i, t - len(r):] = 1
+        inp = Inputs(ids, mask if (mask == 0).any() else None)
+    else:
+        inp = tokenize(ckpt.path, lines)
+    if inp.attention_mask is not None:
+        inp.position_ids = np.maximum(np.cumsum(inp.attention_mask, axis=1) - 1, 0)
+    validate_inputs(inp, ckpt.config, str(p))
+    return inp
+
+
+# ----------------------------------------------------------------------------- the gate
+def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: str = "fast",
+             variant: str = "hf", dtype: str = "float16", device: str = "cpu",
+             emulate=None, prompts: str | None = None, progress=None) -> GateResult:
+    t0 = time.perf_counter()
+    policy = B.load_policy(policy_path)
+    if impl not in ("fast", "hf"):
+        raise ParityError(f"--impl must be fast or hf for the gate, got {impl!r}")
+    ckpt = open_checkpoint(ckpt_dir)
+    checks = [structure_check(ckpt, progress)]
+    inputs = (load_prompts(prompts, ckpt) if prompts
+              else default_batch(ckpt.config, min(16, ckpt.config.n_positions), seed=0))
+    for g in goldens:
+        if progress:
+            progress(f"golden {g}")
+        checks.append(golden_check(ckpt, g))
+    subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl)
+    div = pd.DataFrame()
+    meta = {}
+    if checks[0].verdict == "fail":
+        checks.append(Check("subject", "skip", "not run: the structure check failed"))
+        checks.append(Check("determinism", "skip", "not run: the structure check failed"))
+    else:
+        c, div, meta = subject_check(ckpt, inputs, subject, policy, impl, progress)
+        checks.append(c)
+        if progress:
+            progress("determinism")
+        checks.append(determinism_check(ckpt, inputs, subject, impl))
+    meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
+                impl=impl, variant=variant, dtype=dtype, device=device,
+                prompts=prompts or "built-in batch (2 x 16 tokens, one left-padded)",
+                policy=policy_path or str(B.DEFAULT_FILE))
+    return GateResult(checks, div, meta)
+
+
+def write_junit(path: str, result: GateResult) -> None:
+    """JUnit XML: one testcase per check, for CI dashboards."""
+    import os
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element("testsuite", name="parity gate", tests=str(len(result.checks)),
+                       failures=str(sum(c.verdict == "fail" for c in result.checks)),
+                       skipped=str(sum(c.verdict == "skip" for c in result.checks)),
+                       time=str(result.meta.get("wall_time_s", 0)))
+    for c in result.checks:
+        case = ET.SubElement(suite, "testcase", classname="parity.gate", name=c.name)
+        if c.verdict == "fail":
+            ET.SubElement(case, "failure", message=c.detail[:500]).text = c.detail
+        elif c.verdict == "skip":
+            ET.SubElement(case, "skipped", message=c.detail)
+        ET.SubElement(case, "system-out").text = "\n".join(
+            f"{k}: {v}" for k, v in c.figures.items())
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+        os.close(fd)
+        ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise ParityError(f"{p}: cannot write JUnit file ({e.strerror or e})") from None
