@@ -34,20 +34,25 @@ PRECISE = {
     "layernorm": "fp32",
     "rotary": "fp32",
 }
-ATTR_COLUMNS = ["family", "checkpoint", "variant", "dtype", "target", "knob", "from_value",
-                "to_value", "error_before", "error_after", "share", "note"]
+ATTR_COLUMNS = ["family", "checkpoint", "variant", "dtype", "target", "site", "knob",
+                "from_value", "to_value", "error_before", "error_after", "share", "note"]
 
 
 def _run(ckpt: Checkpoint, inputs: Inputs, knobs: Knobs, dtype: str, device: str,
-         emulate, sites=None) -> reference.Trace:
+         emulate, sites=None, streams=None) -> reference.Trace:
+    """The subject's trace: on its own stream, or (streams given: local mode) each block fed
+    the reference's input to that block."""
     from . import fast
+    from .compare import forward_local
 
-    return fast.FastModel(ckpt, knobs, dtype=dtype, device=device, emulate=emulate).forward(
-        inputs, sites=sites)
+    model = fast.FastModel(ckpt, knobs, dtype=dtype, device=device, emulate=emulate)
+    if streams is not None:
+        return forward_local(model, inputs, streams)
+    return model.forward(inputs, sites=sites)
 
 
-def _err(y: np.ndarray, r: np.ndarray, rows) -> float:
-    valid = M.valid_mask("logits", r, rows)
+def _err(y: np.ndarray, r: np.ndarray, rows, site: str = "logits") -> float:
+    valid = M.valid_mask(site, r, rows)
     if not np.isfinite(np.asarray(y)[np.broadcast_to(valid, r.shape)]).all():
         return math.inf
     return M.rel_l2(y, r, valid)
@@ -67,33 +72,50 @@ def _share(before: float, after: float) -> tuple[float, str]:
 
 def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str, *,
                      target: str = "reference", device: str = "cpu", emulate=None,
-                     label: str = "", ref_logits: np.ndarray | None = None) -> pd.DataFrame:
+                     label: str = "", ref_logits: np.ndarray | None = None,
+                     site: str = "logits", mode: str = "accumulated") -> pd.DataFrame:
     """One row per knob the subject could change: flip it alone (to PRECISE, or to the target
-    variant's value) and measure the logit error against the target again."""
+    variant's value) and measure the error at `site` (default the logits) against the target
+    again. Measuring at the first divergent site explains a verdict the logits do not show;
+    with mode="local" every block is fed the reference's input, so a flip is credited only with
+    what it changes in the layer that makes the divergence."""
+    from .compare import block_inputs
+
     cfg = ckpt.config
     knobs = parse_variant(variant, cfg.family, cfg)
     rows = token_rows(inputs)
+    sites = [site]
+    streams = None
+    if mode == "local":
+        ref_trace = reference.forward(cfg, ckpt.weights(), inputs.input_ids,
+                                      inputs.attention_mask, inputs.position_ids)
+        streams = block_inputs(ref_trace, cfg)
+        ref_logits = ref_trace.sites[site]
+
+    def at(trace):
+        return trace.sites[site]
+
     if target == "reference":
-        if ref_logits is None:
-            ref_logits = reference.forward(cfg, ckpt.weights(), inputs.input_ids,
-                                           inputs.attention_mask, inputs.position_ids,
-                                           sites=["logits"]).logits
+        if ref_logits is None or (site != "logits" and streams is None):
+            ref_logits = at(reference.forward(cfg, ckpt.weights(), inputs.input_ids,
+                                              inputs.attention_mask, inputs.position_ids,
+                                              sites=sites))
         goal = ref_logits
         flips = {k: v for k, v in PRECISE.items() if getattr(knobs, k) != v}
     else:
         other = parse_variant(target, cfg.family, cfg)
-        goal = _run(ckpt, inputs, other, dtype, device, emulate, sites=["logits"]).logits
+        goal = at(_run(ckpt, inputs, other, dtype, device, emulate, sites=sites, streams=streams))
         flips = {k: getattr(other, k) for k in PRECISE if getattr(knobs, k) != getattr(other, k)}
-    before = _err(_run(ckpt, inputs, knobs, dtype, device, emulate, sites=["logits"]).logits,
-                  goal, rows)
+    before = _err(at(_run(ckpt, inputs, knobs, dtype, device, emulate, sites=sites,
+                          streams=streams)), goal, rows, site)
     out = []
     for knob, value in flips.items():
         flipped = dataclasses.replace(knobs, **{knob: value})
-        after = _err(_run(ckpt, inputs, flipped, dtype, device, emulate, sites=["logits"]).logits,
-                     goal, rows)
+        after = _err(at(_run(ckpt, inputs, flipped, dtype, device, emulate, sites=sites,
+                             streams=streams)), goal, rows, site)
         share, note = _share(before, after)
         out.append(dict(family=cfg.family, checkpoint=label, variant=variant, dtype=dtype,
-                        target=target, knob=knob, from_value=_show(getattr(knobs, knob)),
+                        target=target, site=site, knob=knob, from_value=_show(getattr(knobs, knob)),
                         to_value=_show(value), error_before=before, error_after=after,
                         share=share, note=note))
     return pd.DataFrame.from_records(out, columns=ATTR_COLUMNS)

@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-attribution", action="store_true", help="skip the per-knob attribution")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    g = sub.add_parser("gate", help="release gate: may this checkpoint ship, run the fast way?")
+    g.add_argument("checkpoint")
+    g.add_argument("--golden", action="append", default=[], help="parity-golden/1 file (repeat)")
+    g.add_argument("--policy", default=None, help="budgets/policy TOML (default: built-in)")
+    g.add_argument("--impl", default="fast", help="fast | hf")
+    g.add_argument("--variant", default="hf")
+    g.add_argument("--dtype", default="float16")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--emulate", choices=("on", "off"), default=None)
+    g.add_argument("--prompts", default=None, help="one prompt per line: text or token ids")
+    g.add_argument("--report", default=None, help="report folder (default reports/gate-<time>)")
+    g.add_argument("--junit", default=None, help="write a JUnit XML file for CI dashboards")
+    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     c = sub.add_parser("checkpoint", help="checkpoint utilities")
     csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
     m = csub.add_parser("make", help="write a seeded random checkpoint in HF layout")
@@ -133,6 +147,56 @@ def _check_writable(out: Path) -> None:
         raise ParityError(f"{out}: report folder is not writable ({e.strerror or e})") from None
 
 
+def cmd_gate(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .gate import run_gate, write_junit
+    from .report import write_report
+    from .subjects import normalize_dtype
+
+    console = Console()
+    device = resolve_device(a.device)
+    dtype = normalize_dtype(a.dtype)
+    out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
+    _check_writable(out)
+    with console.status("parity gate: starting") as status:
+        result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
+                          None if a.emulate is None else a.emulate == "on", a.prompts,
+                          progress=lambda msg: status.update(f"parity gate: {msg}"))
+    from .run_report import environment
+
+    run = {"command": "parity gate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else
+           "parity gate", "verdict": result.verdict, "checks": [c.as_dict() for c in
+                                                                 result.checks],
+           "subject": {k: str(v) for k, v in result.meta.items()},
+           "environment": environment(device)}
+    if len(result.divergence):
+        write_report(out, result.divergence, None, run, title=f"gpt-parity gate: {a.checkpoint}",
+                     checks=[c.as_dict() for c in result.checks])
+    else:
+        write_report(out, _empty_divergence(), None, run, title=f"gpt-parity gate: "
+                     f"{a.checkpoint}", checks=[c.as_dict() for c in result.checks])
+    if a.junit:
+        write_junit(a.junit, result)
+    t = Table(title=f"parity gate {a.checkpoint}")
+    for col in ("check", "verdict", "detail"):
+        t.add_column(col, overflow="fold")
+    style = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+    for c in result.checks:
+        t.add_row(c.name, f"[{style[c.verdict]}]{c.verdict.upper()}[/]", c.detail)
+    console.print(t)
+    console.print(f"verdict: [{style[result.verdict]}]{result.verdict.upper()}[/]  "
+                  f"(report: {out}/)")
+    return result.exit_code
+
+
+def _empty_divergence():
+    from .compare import to_frame
+
+    return to_frame([])
+
+
 def cmd_checkpoint(a) -> int:
     from .recipes import make_checkpoint
 
@@ -165,7 +229,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-COMMANDS = {"trace": cmd_trace, "report": cmd_report, "checkpoint": cmd_checkpoint}
+COMMANDS = {"trace": cmd_trace, "report": cmd_report, "gate": cmd_gate,
+            "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

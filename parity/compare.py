@@ -80,12 +80,16 @@ def floor_local(cfg, weights, inputs: Inputs, streams: list[np.ndarray], dtype: 
 
 
 # ----------------------------------------------------------------------------- subject side
-def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, modes):
-    """Sites of the subject in each mode: {mode: {site: float64 array}}, and site dtypes."""
+def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, modes,
+                   model_factory=None):
+    """Sites of the subject in each mode: {mode: {site: float64 array}}, and site dtypes.
+    `model_factory` (default `fast.FastModel`) builds the model from (ckpt, variant, dtype=,
+    device=, emulate=): a hook for patched implementations (tests/mutants.py)."""
     from . import fast
 
-    model = fast.FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                           emulate=subject.emulate)
+    make = model_factory or fast.FastModel
+    model = make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
+                 emulate=subject.emulate)
     out, dtypes, meta = {}, {}, {}
     if "accumulated" in modes:
         t = model.forward(inputs)
@@ -188,7 +192,8 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label: str = "",
-            modes=MODES, policy: dict | None = None, ref_trace=None, progress=None) -> pd.DataFrame:
+            modes=MODES, policy: dict | None = None, ref_trace=None, progress=None,
+            model_factory=None) -> pd.DataFrame:
     """Compare every subject with the reference on one checkpoint; long-format DataFrame."""
     cfg = ckpt.config
     policy = policy or B.load_policy()
@@ -200,7 +205,8 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
     floors: dict[tuple[str, str], dict] = {}
     records = []
     for subject in subjects:
-        traces, dtypes, meta = subject_traces(ckpt, inputs, subject, streams, modes)
+        traces, dtypes, meta = subject_traces(ckpt, inputs, subject, streams, modes,
+                                              model_factory)
         dtype = meta.get("dtype", subject.dtype)  # the fp32 preset forces float32
         # the floor in the subject's own storage dtypes: a site the subject keeps wider (upcast
         # scores, fp32 softmax) is rounded to that width in the floor too

@@ -3,6 +3,7 @@
 DESIGN.md.
 
     trace = run(ckpt, inputs, dtype="float16", attn_implementation="eager")
+    model, impl = load(ckpt, "float32"); trace = capture(model, ckpt.config, inputs)  # reuse
 
 What it does, and why:
 - Loads the whole model (`from_pretrained`, `local_files_only=True`) in the requested dtype,
@@ -11,11 +12,11 @@ What it does, and why:
 - GPTMeg (model_type "gptmeg") is not in transformers. It is loaded as GPT-2 from the same
   config.json, with the parts of the GPTMeg branch (HF PR #14084, MODEL_NOTES section 5) that can
   be installed without touching transformers' code:
+    (a) LayerNorm computed on fp32 copies of x, gain and bias and cast back, for fp16 inputs only
+        (every LayerNorm of the model, ln_f included);
     (b) Megatron's gelu x*0.5*(1+tanh(0.79788456*x*(1+0.044715*x*x))) as the MLP activation when
         the config says "gelu_megatron". TorchScript is deprecated here and runs unfused on a CPU
         anyway, so it is evaluated eagerly: op by op, each op rounded (no CUDA fusion);
-    (a) LayerNorm computed on fp32 copies of x, gain and bias and cast back, for fp16 inputs only
-        (every LayerNorm of the model, ln_f included);
     (c) the `baddbmm` attention of Megatron-DeepSpeed's `apply_overrides` (scores =
         baddbmm(beta=0, alpha=1/sqrt(hd)) in q's dtype, softmax in that dtype), registered through
         transformers' public AttentionInterface, only with attn_implementation="baddbmm". The
@@ -36,6 +37,9 @@ What it does, and why:
   the reference layout (per layer (k, v), (B, H, T_past, hd)) as a DynamicCache.
   `trace.cache` comes back in the same layout. OpenAI GPT has no cache in transformers: its
   `trace.cache` is built from its c_attn output, and a `past` is refused.
+- fp16 / bf16 on a CPU are torch's native CPU half kernels, which are not CUDA's (pow, GEMM
+  accumulation): benchmarks/README.md "transformers adapter" measures the gap to the fast path's
+  CPU emulation of CUDA.
 """
 from __future__ import annotations
 
@@ -177,12 +181,14 @@ def load(ckpt, dtype: str = "float32", device: str = "cpu", attn_implementation:
                 model, info = transformers.GPT2LMHeadModel.from_pretrained(
                     str(ckpt.path), config=config, **kw)
             else:
-                model, info = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt.path), **kw)
+                auto = transformers.AutoModelForCausalLM
+                model, info = auto.from_pretrained(str(ckpt.path), **kw)
     except ParityError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' own message, on one line
+        first = str(e).splitlines()[0] if str(e) else ""
         raise ParityError(f"{ckpt.path}: transformers {transformers.__version__} cannot load it "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"({type(e).__name__}: {first})") from None
     missing = [k for k in info.get("missing_keys", ()) if not _tied(model, k)]
     bad = list(info.get("mismatched_keys", ()))
     if missing or bad:
@@ -230,6 +236,17 @@ def install_gptmeg(model, cfg) -> None:
                 setattr(parent, name, Fp32LayerNorm.wrap(child))
 
 
+def gptmeg_overrides(model, attn_implementation: str) -> str:
+    """What of GPTMeg a loaded model reproduces, for trace.meta (module docstring)."""
+    parts = []
+    if all(isinstance(b.mlp.act, MegatronGelu) for b in model.transformer.h):
+        parts.append("Megatron gelu (eager ops)")
+    parts.append("fp32 LayerNorm for fp16")
+    parts.append("baddbmm attention" if attn_implementation == "baddbmm"
+                 else f"GPT-2 {attn_implementation} attention")
+    return ", ".join(parts)
+
+
 class MegatronGelu(nn.Module):
     """Megatron's gelu, constant 0.79788456 (MODEL_NOTES section 5b), evaluated op by op."""
 
@@ -270,8 +287,8 @@ def _gptmeg_attention(module, query, key, value, attention_mask, scaling=None, d
     b, h, tq, hd = query.shape
     tk = key.shape[2]
     buf = torch.empty(b * h, tq, tk, dtype=query.dtype, device=query.device)
-    s = torch.baddbmm(buf, query.reshape(b * h, tq, hd), key.transpose(-1, -2).reshape(b * h, hd, tk),
-                      beta=0, alpha=1.0 / math.sqrt(hd)).view(b, h, tq, tk)
+    q, kt = query.reshape(b * h, tq, hd), key.transpose(-1, -2).reshape(b * h, hd, tk)
+    s = torch.baddbmm(buf, q, kt, beta=0, alpha=1.0 / math.sqrt(hd)).view(b, h, tq, tk)
     if getattr(module, "scale_attn_by_inverse_layer_idx", False):
         s = s / float(module.layer_idx + 1)
     if attention_mask is not None:
@@ -315,6 +332,8 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
                         "impl": "hf", "transformers": transformers.__version__,
                         "attn_implementation": attn_implementation, "dtype": dtype,
                         "device": str(device), "note": NOTE})
+    if family == "gptmeg":
+        trace.meta["gptmeg"] = gptmeg_overrides(model, attn_implementation)
     rec = Recorder(trace, sites, dtype)
     tap = _Taps(model, cfg, rec, eager=attn_implementation in EAGER_LIKE)
     kw = dict(attention_mask=torch.as_tensor(mask, device=device),

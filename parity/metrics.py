@@ -51,10 +51,11 @@ def ulp_distance(y: np.ndarray, r: np.ndarray, dtype: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- error figures
 def rel_l2(y: np.ndarray, r: np.ndarray, valid: np.ndarray | None = None) -> float:
-    """||y - r|| / ||r|| over the valid, finite elements (0/0 = 0; x/0 = inf)."""
+    """||y - r|| / ||r|| over the valid elements where r is finite (0/0 = 0; x/0 = inf). A
+    non-finite y among them gives inf: dropping it would report an all-NaN y as exact."""
     y, r = _select(y, r, valid)
-    fin = np.isfinite(y)
-    y, r = y[fin], r[fin]
+    if not np.isfinite(y).all():
+        return math.inf
     num = float(np.sqrt(np.sum((y - r) ** 2)))
     den = float(np.sqrt(np.sum(r**2)))
     if den == 0.0:

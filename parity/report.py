@@ -44,7 +44,7 @@ ATTRIBUTION_COLUMNS = (
 VERDICTS = ("pass", "warn", "overflow", "fail")
 SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
 FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
-PNG_DPI = 72              # ~40 kB a figure: 80 subjects stay far under the 3 MB page budget
+PNG_DPI = 72              # ~55 kB a figure: 80 subjects (10 figures) take ~0.8 MB
 HTML_SIZE_BUDGET = 3_000_000   # bytes; a report page must stay light enough to mail or attach
 DASH = "–"                # shown where a figure does not exist (NaN: no logits, no floor)
 
@@ -53,11 +53,15 @@ FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 
 # ============================================================================ entry points
 def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | None,
-                 run: dict, title: str) -> dict[str, Path]:
+                 run: dict, title: str, checks: list[dict] | None = None) -> dict[str, Path]:
     """Render the four report files into `out_dir` (created if needed), each written to a
     temporary file and renamed, so a reader never sees half a report file. Returns
-    name -> path. Raises ParityError for malformed frames or a folder that cannot be written."""
-    _check_frames(divergence, attribution)
+    name -> path. Raises ParityError for malformed frames or a folder that cannot be written.
+
+    `checks` (the gate's): dicts with `check`, `verdict` (pass|warn|fail|skip), `detail` and
+    optional `figures`; given, they decide the headline verdict and the divergence frame may be
+    empty (a gate that compared nothing layer by layer)."""
+    _check_frames(divergence, attribution, checks)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +70,8 @@ def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | 
     contents = {
         "divergence.csv": render_csv(divergence),
         "run.json": render_json(run),
-        "summary.md": render_markdown(divergence, attribution, run, title).encode(),
-        "index.html": render_html(divergence, attribution, run, title).encode(),
+        "summary.md": render_markdown(divergence, attribution, run, title, checks).encode(),
+        "index.html": render_html(divergence, attribution, run, title, checks).encode(),
     }
     return {name: _write_atomic(out, name, data) for name, data in contents.items()}
 
@@ -85,7 +89,7 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
     subj = subject_table(divergence, attribution)
     verdict = overall_verdict(divergence)
     table = Table(title=f"gpt-parity: {verdict}", caption=_count_line(subj),
-                  title_style=f"bold {RICH_STYLE[verdict.lower()]}")
+                  title_style=RICH_STYLE[verdict.lower()])
     for col in ("family", "checkpoint", "variant", "dtype", "verdict", "logits floor_ratio",
                 "top1", "first divergent site", "main cause"):
         table.add_column(col, justify="right" if col in ("logits floor_ratio", "top1") else "left")
@@ -98,12 +102,13 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
         table.add_row(r.family, r.checkpoint, r.variant, r.dtype,
                       Text(r.verdict.upper() if r.verdict != "pass" else "pass",
                            style=RICH_STYLE[r.verdict]),
-                      _num(r.logits_floor_ratio), _pct(r.top1), first,
+                      _num(r.logits_floor_ratio), _pct(r.logits_top1), first,
                       r.main_cause if r.verdict != "pass" else "")
     return table
 
 
-RICH_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "overflow": "bold magenta"}
+RICH_STYLE = {"pass": "green", "warn": "bold yellow", "overflow": "bold magenta",
+              "fail": "bold red"}
 
 
 # ============================================================================ analysis
@@ -125,6 +130,9 @@ def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = N
     for key, g in divergence.groupby(list(SUBJECT), sort=False, dropna=False):
         rec = dict(zip(SUBJECT, key))
         rec["verdict"] = _worst(g["verdict"])
+        worst = _worst_site(g, rec["verdict"])
+        rec["worst_site"] = "" if worst is None else f"{worst['site']} ({worst['mode']})"
+        rec["worst_reason"] = "" if worst is None else _text(worst["reason"])
         rec["has_overflow"] = bool((g["verdict"] == "overflow").any())
         acc = g[g["mode"] == "accumulated"]
         logit = acc[acc["site"] == "logits"]
@@ -139,10 +147,19 @@ def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = N
             rec[f"first_{mode}"] = first["site"] if first is not None else ""
             rec[f"first_{mode}_verdict"] = first["verdict"] if first is not None else ""
             rec[f"first_{mode}_reason"] = _text(first["reason"]) if first is not None else ""
-        rec["top1"] = rec["logits_top1"]
         rec["main_cause"] = causes.get(tuple(rec[k] for k in SUBJECT[:4]), "")
         rows.append(rec)
     return pd.DataFrame(rows)
+
+
+def _worst_site(g: pd.DataFrame, verdict: str):
+    """The row that earns the subject its verdict: the first with that verdict, in local mode
+    when there is one there (the layer that makes it), else accumulated; None for a pass."""
+    if verdict == "pass":
+        return None
+    hit = g[g["verdict"] == verdict]
+    local = hit[hit["mode"] == "local"]
+    return (local if len(local) else hit).iloc[0]
 
 
 def _first_divergent(rows: pd.DataFrame):
@@ -176,7 +193,9 @@ def attribution_sentence(row) -> str:
     else:
         text = f"{flip} changes {what} by under 0.5%"
     note = _text(r.get("note"))
-    return (text + f" (logit rel_l2 {_num(before)} -> {_num(after)})"
+    site = _attr_site(r)
+    label = "logit rel_l2" if site == "logits" else f"rel_l2 at {site}"
+    return (text + f" ({label} {_num(before)} -> {_num(after)})"
             + (f"; {note}" if note else ""))
 
 
@@ -185,11 +204,19 @@ def _record(row) -> dict:
         else dict(row)
 
 
+def _attr_site(r) -> str:
+    site = r.get("site")
+    return site if isinstance(site, str) and site else "logits"
+
+
 def _attr_what(r) -> str:
     where = f"{r['family']}/{r['checkpoint']}"
+    site = _attr_site(r)
+    err = "logit error" if site == "logits" else f"error at {site}"
     if r["target"] == "reference":
-        return f"the {r['dtype']} logit error of {r['variant']} on {where}"
-    return f"the {r['dtype']} logit divergence of {r['variant']} from {r['target']} on {where}"
+        return f"the {r['dtype']} {err} of {r['variant']} on {where}"
+    div = "logit divergence" if site == "logits" else f"divergence at {site}"
+    return f"the {r['dtype']} {div} of {r['variant']} from {r['target']} on {where}"
 
 
 def _attr_flip(r) -> str:
@@ -211,11 +238,14 @@ def _main_causes(attribution) -> dict:
     attribution exists, of the divergence from that other subject)."""
     if attribution is None or attribution.empty:
         return {}
-    a = attribution[attribution["share"] > 0]
+    a = attribution[attribution["share"] >= 0.005]    # rounds to at least 1%: visible
     out = {}
     for key, g in a.groupby(list(SUBJECT[:4]), sort=False):
         ref = g[g["target"] == "reference"]
         g = ref if len(ref) else g
+        if "site" in g.columns:  # a flip measured at the first divergent site explains the verdict
+            at_site = g[g["site"] != "logits"]
+            g = at_site if len(at_site) else g
         best = g.loc[g["share"].idxmax()]
         vs = "" if best["target"] == "reference" else f" vs {best['target']}"
         out[key] = (f"{best['knob']}={best['from_value']}->{best['to_value']} "
@@ -236,20 +266,33 @@ class DocTable:
     rows: tuple                      # of tuples of Cell
 
 
-def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots: bool) -> list:
+def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots: bool,
+              checks: list[dict] | None = None) -> list:
     """The report as blocks: ('h1'|'h2'|'h3'|'p'|'verdict', text), ('table', DocTable),
     ('ul', [text]), ('img', (png_bytes, caption)). Markdown and HTML render the same list."""
+    blocks: list = [("h1", title)]
+    if checks:
+        blocks.append(("verdict", (_checks_verdict(checks), _checks_count(checks))))
+        blocks += [("h2", "Gate checks"), ("table", _checks_table(checks))]
+    if div.empty:
+        blocks.append(("p", "No layer-by-layer comparison was made in this run."))
+        return blocks + _run_blocks(run)
     subj = subject_table(div, attribution)
-    verdict = overall_verdict(div)
     multi_dev = subj[["device", "emulate"]].drop_duplicates().shape[0] > 1
-    blocks: list = [("h1", title), ("verdict", (verdict, _count_line(subj)))]
+    if not checks:
+        blocks.append(("verdict", (overall_verdict(div), _count_line(subj))))
 
     blocks.append(("h2", "At a glance"))
-    blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes, "
-                        "and its floor_ratio at the logits (accumulated; 1 = as good as the "
-                        "dtype allows); +overflow: some site's reference exceeds the dtype."))
+    blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes; "
+                        "its floor_ratio at the logits (accumulated; 1 = as good as the dtype "
+                        "allows); from: the first site that is not a pass (local mode when it "
+                        "has one: the layer that makes the error); +overflow: some site's "
+                        "reference exceeds the dtype."))
     for ckpt in pd.unique(subj["checkpoint"]):
-        blocks += [("h3", f"checkpoint {ckpt}"), ("table", _matrix(subj, ckpt, multi_dev))]
+        s = subj[subj["checkpoint"] == ckpt]
+        blocks += [("h3", f"checkpoint {_text(ckpt) or DASH}: {_worst(s['verdict']).upper()} "
+                          f"({_count_line(s)})"),
+                   ("table", _matrix(subj, ckpt, multi_dev))]
 
     blocks.append(("h2", "Where it diverges"))
     bad = subj[subj["verdict"] != "pass"]
@@ -259,7 +302,9 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         blocks.append(("p", "The first site (in execution order) whose verdict is not a pass. "
                             "Accumulated: the subject runs on its own stream. Local: each layer "
                             "is fed the reference's input, so the local site is the layer that "
-                            "makes the divergence rather than one that inherits it."))
+                            "makes the divergence rather than one that inherits it. Worst site: "
+                            "the first site with the subject's verdict (local mode first), and "
+                            "why."))
         blocks.append(("table", _divergence_table(bad, multi_dev)))
 
     blocks.append(("h2", "Why"))
@@ -268,11 +313,12 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     if with_plots:
         blocks.append(("h2", "Error against layer"))
         blocks.append(("p", "rel_l2 (top) and floor_ratio (bottom) per layer at a few key sites; "
-                            "colour = variant, marker = dtype, solid = accumulated, dashed = local; "
-                            "a triangle on the top edge = non-finite values at that layer; "
-                            "dotted grey = fail budget."))
+                            "colour = variant, marker = dtype, solid = accumulated, dashed = "
+                            "local; a triangle on the top edge = non-finite values at that "
+                            "layer; dotted grey = fail budget."))
+        style = _style_keys(div)
         for (fam, ckpt), g in div.groupby(["family", "checkpoint"], sort=False):
-            png = plot_errors(g, fam, _style_keys(div))
+            png = plot_errors(g, fam, style)
             if png is not None:
                 blocks.append(("img", (png, f"{fam} / {ckpt}")))
 
@@ -296,11 +342,39 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         "KL(reference || subject) of the next-token distributions.",
         "divergence.csv holds every figure for every site; run.json the environment."]))
 
-    blocks.append(("h2", "Run"))
-    flat = _flatten(run)
-    blocks.append(("table", DocTable(("key", "value"),
-                                  tuple((Cell(k), Cell(v)) for k, v in flat))))
-    return blocks
+    return blocks + _run_blocks(run)
+
+
+def _run_blocks(run: dict) -> list:
+    return [("h2", "Run"), ("table", DocTable(("key", "value"), tuple(
+        (Cell(k), Cell(v)) for k, v in _flatten(run))))]
+
+
+CHECK_VERDICTS = ("pass", "warn", "fail", "skip")
+
+
+def _checks_verdict(checks: list[dict]) -> str:
+    """The gate's rule: FAIL if any check fails, else WARN if any warns, else PASS (a skipped
+    check neither passes nor fails)."""
+    vs = {c["verdict"] for c in checks}
+    return "FAIL" if "fail" in vs else "WARN" if "warn" in vs else "PASS"
+
+
+def _checks_count(checks: list[dict]) -> str:
+    n = {v: sum(c["verdict"] == v for c in checks) for v in CHECK_VERDICTS}
+    return (f"{n['fail']} of {len(checks)} checks fail, {n['warn']} warn, {n['pass']} pass, "
+            f"{n['skip']} skipped")
+
+
+def _checks_table(checks: list[dict]) -> DocTable:
+    rows = []
+    for c in checks:
+        figs = c.get("figures") or {}
+        figures = ", ".join(f"{k}={_num(v) if isinstance(v, (int, float)) else v}"
+                            for k, v in sorted(figs.items(), key=lambda kv: str(kv[0])))
+        rows.append((Cell(str(c.get("check", ""))), Cell(_vlabel(c["verdict"]), c["verdict"]),
+                     Cell(_text(c.get("detail"))), Cell(figures)))
+    return DocTable(("check", "verdict", "detail", "figures"), tuple(rows))
 
 
 def _count_line(subj: pd.DataFrame) -> str:
@@ -335,8 +409,15 @@ def _matrix(subj: pd.DataFrame, ckpt, multi_dev: bool) -> DocTable:
                 continue
             v = _worst(r.verdict for r in rs)
             ratio = max((r.logits_floor_ratio for r in rs), key=_nan_low)
-            extra = " +overflow" if v != "overflow" and any(r.has_overflow for r in rs) else ""
-            row.append(Cell(f"{_vlabel(v)} {_num(ratio)}{extra}", v))
+            text = f"{_vlabel(v)} {_num(ratio)}"
+            worst = next(r for r in rs if r.verdict == v)
+            # where it starts: the local site pins the layer that makes the error
+            site = worst.first_local or worst.first_accumulated
+            if site:
+                text += f" from {site}"
+            if v != "overflow" and any(r.has_overflow for r in rs):
+                text += " +overflow"
+            row.append(Cell(text, v))
         rows.append(tuple(row))
     return DocTable(("family", *cols), tuple(rows))
 
@@ -348,10 +429,9 @@ def _nan_low(x: float) -> float:
 def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
     head = ("family", "checkpoint", "variant", "dtype") + (("device",) if multi_dev else ()) + (
         "verdict", "logits floor_ratio", "first divergent (accumulated)",
-        "first divergent (local)", "why there", "main cause")
+        "first divergent (local)", "worst site", "why", "main cause")
     rows = []
     for r in bad.itertuples(index=False):
-        reason = r.first_local_reason or r.first_accumulated_reason
         rows.append(tuple(
             [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
             + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
@@ -360,7 +440,7 @@ def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
                                r.has_accumulated), r.first_accumulated_verdict or None),
                Cell(_site_cell(r.first_local, r.first_local_verdict, r.has_local),
                     r.first_local_verdict or None),
-               Cell(reason), Cell(r.main_cause)]))
+               Cell(r.worst_site, r.verdict), Cell(r.worst_reason), Cell(r.main_cause)]))
     return DocTable(head, tuple(rows))
 
 
@@ -385,7 +465,7 @@ def _why_blocks(attribution, subj: pd.DataFrame) -> list:
     bad = [(k, g) for k, g in groups
            if k[4] == "reference" and verdict.get(k[:4], "pass") != "pass"]
     pairs = [(k, g) for k, g in groups if k[4] != "reference"]
-    for heading, chosen in (("Subjects over budget", bad),
+    for heading, chosen in (("Subjects that do not pass", bad),
                             ("Where two presets part ways", pairs)):
         if not chosen:
             continue
@@ -540,9 +620,9 @@ def _json_default(o):
     return str(o)
 
 
-def render_markdown(div, attribution, run, title) -> str:
+def render_markdown(div, attribution, run, title, checks=None) -> str:
     out = []
-    for kind, body in _document(div, attribution, run, title, with_plots=False):
+    for kind, body in _document(div, attribution, run, title, False, checks):
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + body)
         elif kind == "verdict":
@@ -576,20 +656,21 @@ color:#1b1b1b;padding:0 1em}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
 th,td{border:1px solid #d0d0d0;padding:.25em .55em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
-td.pass{background:#e3f4e6}td.warn{background:#fff2c2}
+td.pass{background:#e3f4e6}td.warn{background:#fff2c2}td.skip{color:#777}
 td.fail{background:#f9d2cf;font-weight:600}td.overflow{background:#e9c8f2;font-weight:600}
 .verdict{font-size:1.3em;padding:.4em .8em;display:inline-block;border-radius:4px}
 .verdict.PASS{background:#e3f4e6}.verdict.WARN{background:#fff2c2}.verdict.FAIL{background:#f9d2cf}
+.verdict.OVERFLOW{background:#e9c8f2}
 figure{margin:1em 0}figcaption{font-weight:600}img{max-width:100%}
 li{margin:.2em 0}
 """.strip()
 
 
-def render_html(div, attribution, run, title) -> str:
+def render_html(div, attribution, run, title, checks=None) -> str:
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>"]
-    for kind, body in _document(div, attribution, run, title, with_plots=True):
+    for kind, body in _document(div, attribution, run, title, True, checks):
         if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(body)}</{kind}>")
         elif kind == "verdict":
@@ -707,8 +788,11 @@ def _draw_lines(ax, k: pd.DataFrame, metric: str, style: dict) -> None:
         kw = dict(color=style["color"][v], marker=style["marker"][d], markersize=3.5,
                   linewidth=1.2, linestyle="-" if m == "accumulated" else "--")
         ax.plot(x, y, **kw)
-        if bad.any():   # non-finite: no point on a log axis, so a mark on the top edge
-            ax.plot(x[bad], np.ones(bad.sum()), transform=ax.get_xaxis_transform(),
+        if bad.any():   # non-finite: no point on a log axis, so a mark on the top edge,
+            # nudged per variant so that variants overflowing at one layer stay distinguishable
+            colors = list(style["color"])
+            nudge = 0.08 * (colors.index(v) - (len(colors) - 1) / 2)
+            ax.plot(x[bad] + nudge, np.ones(bad.sum()), transform=ax.get_xaxis_transform(),
                     linestyle="", marker="v", color=kw["color"], markersize=6, clip_on=False)
         drawn = drawn or bool(np.isfinite(y).any())
     if drawn:
@@ -723,7 +807,7 @@ def _draw_lines(ax, k: pd.DataFrame, metric: str, style: dict) -> None:
 
 
 # ============================================================================ checks and IO
-def _check_frames(div, attribution) -> None:
+def _check_frames(div, attribution, checks=None) -> None:
     if not isinstance(div, pd.DataFrame):
         raise ParityError("report: the divergence table is not a pandas DataFrame")
     missing = [c for c in DIVERGENCE_COLUMNS if c not in div.columns]
@@ -732,8 +816,11 @@ def _check_frames(div, attribution) -> None:
     unknown = sorted(map(str, set(div["verdict"].unique()) - set(VERDICTS)))
     if unknown:
         raise ParityError(f"report: unknown verdicts {unknown} (expected one of {VERDICTS})")
-    if div.empty:
+    if div.empty and not checks:
         raise ParityError("report: the divergence table is empty: nothing was compared")
+    for c in checks or ():
+        if not isinstance(c, dict) or c.get("verdict") not in CHECK_VERDICTS:
+            raise ParityError(f"report: a gate check needs a verdict in {CHECK_VERDICTS}: {c!r}")
     if attribution is not None and not attribution.empty:
         missing = [c for c in ATTRIBUTION_COLUMNS if c not in attribution.columns]
         if missing:

@@ -89,7 +89,8 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
                 ckpt = load_checkpoint(make_checkpoint(family, Path(tmp) / f"{family}-{label}",
                                                        preset=label, seed=SEED))
                 inputs = default_batch(ckpt.config, SEQ_LEN[label], seed=SEED)
-                frames.append(compare(ckpt, inputs, subjects, label=label))
+                df = compare(ckpt, inputs, subjects, label=label)
+                frames.append(df)
                 if progress:
                     progress(f"{family}/{label} compared")
                 if not attribution:
@@ -99,6 +100,12 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
                     a = knob_attribution(ckpt, inputs, s.variant, s.dtype, device=device,
                                          label=label, ref_logits=ref_logits)
                     attrs.append(a)
+                # explain each verdict where it starts: the knob flips measured at the first
+                # divergent site (local mode pins the layer that makes it)
+                for (v, d), (site, mode) in first_sites(df).items():
+                    if site != "logits":
+                        attrs.append(knob_attribution(ckpt, inputs, v, d, device=device,
+                                                      label=label, site=site, mode=mode))
                 if family in PAIRS:
                     va, vb = PAIRS[family]
                     for d in dtypes:
@@ -123,6 +130,16 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
     return div, attr, run
 
 
+def first_sites(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(variant, dtype) -> (first site not passing, mode): local mode first, else accumulated."""
+    out = {}
+    for mode in ("accumulated", "local"):  # local overwrites: it names the layer that makes it
+        bad = df[(df["mode"] == mode) & (df["verdict"] != "pass")]
+        for (v, d), g in bad.groupby(["variant", "dtype"], sort=False):
+            out[(v, d)] = (g.iloc[0]["site"], mode)
+    return out
+
+
 def exit_code(div: pd.DataFrame) -> int:
     tiny = div[div["checkpoint"] == "tiny"]
-    return 1 if (tiny["verdict"] == "fail").any() else 0
+    return 1 if tiny["verdict"].isin(["fail", "overflow"]).any() else 0

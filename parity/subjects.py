@@ -50,5 +50,5 @@ def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = No
         from . import hf_adapter
 
         return hf_adapter.run(ckpt, inputs, dtype=dtype, device=device, sites=sites,
-                              attn_implementation=variant)
+                              attn_implementation=variant, past=past)
     raise ParityError(f"unknown --impl {impl!r} (choose from {', '.join(IMPLS)})")

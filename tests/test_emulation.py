@@ -81,7 +81,6 @@ def gelu_scale(x, v):
 
 def check_bitwise_except_ambiguous(got, model, amb):
     share = float(np.mean(amb))
-    print(f"ambiguous share {share:.4f}")
     assert share <= tolerance(FP32_ERR, "max_ambiguous_share"), f"ambiguous share {share:.4f}"
     bad = (got != model) & ~amb
     assert not bad.any(), (f"{int(bad.sum())} of {bad.size} elements differ from the float64 "

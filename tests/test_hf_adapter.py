@@ -103,6 +103,10 @@ def test_float64_matches_reference_with_padding_and_positions(ckpts, family, imp
     assert set(trace.dtypes.values()) == {"float64"}
     assert trace.meta["impl"] == "hf" and trace.meta["attn_implementation"] == impl
     assert trace.meta["note"] == "loads the whole model"
+    if family == "gptmeg":
+        assert trace.meta["gptmeg"].startswith("Megatron gelu (eager ops), fp32 LayerNorm")
+        assert trace.meta["gptmeg"].endswith(
+            "baddbmm attention" if impl == "baddbmm" else f"GPT-2 {impl} attention")
     assert_matches(trace, ref, inp.attention_mask.astype(bool),
                    IMPL_TOL.get((family, impl), FLOAT64_TOL[family]))
 
@@ -307,3 +311,117 @@ def test_a_weight_missing_from_the_file_is_an_error_not_a_random_init(ckpts, tmp
     shutil.copy(ck.path / "config.json", tmp_path / "config.json")
     with pytest.raises(ParityError, match=r"did not load.*h\.1\.mlp\.c_fc\.bias"):
         hf_adapter.load(dataclasses.replace(ck, path=tmp_path), dtype="float32")
+
+
+
+# ------------------------------------------------------------------------------ issue 3: fast vs hf
+def fast_module():
+    try:
+        from parity import fast
+    except ImportError as e:
+        pytest.skip(f"parity.fast is not importable ({e}): the fast-path comparison waits for it")
+    return fast
+
+
+def fast_variant(family: str, dtype: str) -> str:
+    """The fast preset that states transformers' numerics for this run: `hf`, plus GPTMeg's
+    fp32 LayerNorm where the adapter has it (fp16 only)."""
+    return "hf+layernorm=fp32" if family == "gptmeg" and dtype == "float16" else "hf"
+
+
+def ulp_figures(sub, hf, ref, rows) -> dict[str, tuple[float, float, float]]:
+    """site -> (share within 1 ULP of the site's dtype, max ULP, max relative error) of `sub`
+    against the adapter's trace `hf`, over the elements that count."""
+    from parity.metrics import ulp_distance
+
+    out = {}
+    for s, a in hf.sites.items():
+        v = valid(s, ref[s], rows)
+        y, h = sub[s][v], a[v]
+        u = ulp_distance(y, h, hf.dtypes[s])
+        out[s] = (float(np.mean(u <= 1)), float(u.max()),
+                  float(np.abs(y - h).max() / np.abs(h).max()))
+    return out
+
+
+def reference_and_rows(ck, inp):
+    ref = reference.forward(ck.config, ck.weights(), inp.input_ids, inp.attention_mask,
+                            inp.position_ids)
+    return ref, inp.attention_mask.astype(bool)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_hf_preset_equals_transformers_float32(ckpts, family):
+    """Issue 3: the `hf` preset in fp32 equals transformers in fp32 to rounding (measured:
+    bitwise at every site; see benchmarks/README.md)."""
+    fast = fast_module()
+    ck = ckpts[family]
+    inp = padded_inputs(ck.config)
+    ref, rows = reference_and_rows(ck, inp)
+    hf = hf_adapter.run(ck, inp, dtype="float32")
+    sub = fast.run(ck, inp, variant="hf", dtype="float32")
+    figs = ulp_figures(sub, hf, ref, rows)
+    worst = max(figs, key=lambda s: figs[s][2])
+    assert figs[worst][2] <= tolerance("fast_hf_vs_transformers_float32"), (worst, figs[worst])
+    assert all(sub.dtypes[s] == hf.dtypes[s] == "float32" for s in hf.sites)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_native_half_is_transformers_bitwise(ckpts, family, dtype):
+    """`--emulate off` runs torch's CPU half kernels in transformers' op order: every site,
+    with its dtype (GPT-Neo / GPT-J scores in fp32), is bitwise what transformers computes."""
+    fast = fast_module()
+    ck = ckpts[family]
+    inp = padded_inputs(ck.config)
+    ref, rows = reference_and_rows(ck, inp)
+    hf = hf_adapter.run(ck, inp, dtype=dtype)
+    sub = fast.run(ck, inp, variant=fast_variant(family, dtype), dtype=dtype, emulate=False)
+    for s in hf.sites:
+        assert sub.dtypes[s] == hf.dtypes[s], s
+        v = valid(s, ref[s], rows)
+        assert np.array_equal(sub[s][v], hf[s][v]), s
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_emulated_half_agrees_with_transformers_cpu_per_block(ckpts, family, dtype):
+    """Issue 3: the CPU emulation of CUDA half precision against transformers on the CPU in
+    native half. Each fast block is fed transformers' own input to that block (local mode), so
+    a site's figure belongs to that block's kernels; the share of elements within 1 ULP must
+    reach the named bound at every site (the gap is CPU-vs-CUDA kernel semantics, explained in
+    budgets.toml and benchmarks/README.md)."""
+    fast = fast_module()
+    from parity.compare import block_inputs, forward_local
+
+    ck = ckpts[family]
+    inp = padded_inputs(ck.config)
+    ref, rows = reference_and_rows(ck, inp)
+    hf = hf_adapter.run(ck, inp, dtype=dtype)
+    model = fast.FastModel(ck, fast_variant(family, dtype), dtype=dtype, emulate=True)
+    assert model.num.emulate
+    sub = forward_local(model, inp, block_inputs(hf, ck.config))
+    figs = ulp_figures(sub, hf, ref, rows)
+    bound = tolerance(f"fast_emulated_vs_transformers_cpu_{dtype}", "min_share_within_1ulp")
+    worst = min(figs, key=lambda s: figs[s][0])
+    assert figs[worst][0] >= bound, (worst, figs[worst])
+    assert figs["embed"][1] == 0  # a lookup and one add: no kernel difference at all
+
+
+def test_subjects_dispatch_passes_the_variant_and_the_cache(ckpts):
+    """parity.subjects.run('hf', ...): --variant is the attention implementation; past flows."""
+    from parity import subjects
+
+    ck = ckpts["gpt2"]
+    inp = padded_inputs(ck.config)
+    first = subjects.run("hf", ck, Inputs(inp.input_ids[:, :9], inp.attention_mask[:, :9],
+                                          inp.position_ids[:, :9]), variant="sdpa",
+                         dtype="float64")
+    assert first.meta["attn_implementation"] == "sdpa" and "blocks.0.attn.probs" not in first
+    step = subjects.run("hf", ck, Inputs(inp.input_ids[:, 9:], inp.attention_mask,
+                                         inp.position_ids[:, 9:]), dtype="float64",
+                        past=first.cache)
+    whole = hf_adapter.run(ck, inp, dtype="float64")
+    rows = inp.attention_mask[:, 9:].astype(bool)
+    assert rel_err(step.logits, whole.logits[:, 9:], np.broadcast_to(
+        rows[..., None], step.logits.shape)) <= tolerance("float64_exact")

@@ -1,10 +1,13 @@
 """The report renderer (parity/report.py) on synthetic divergence/attribution frames.
 
-The frames are built here with known plants: in gpt2/stress/meg/fp16 the accumulated stream
-first leaves its budget (a warn) at blocks.1.attn.out and the local error is made at
-blocks.1.mlp.act (a fail); gpt_neo/stress/meg/fp16 overflows at blocks.0.attn.scores; gpt_neo/
-stress/hf/bf16 only warns at the logits. Every float is given at most 5 significant digits so
-that it must survive divergence.csv's 6-digit format exactly.
+The frames are built here with known plants, following the engine's verdicts (parity/compare.py):
+in gpt2/stress/meg/fp16 the accumulated stream first leaves its budget (a warn) at
+blocks.1.attn.out and the local error is made at blocks.1.mlp.act (a fail); in gpt_neo/stress/
+meg/fp16 the reference exceeds fp16 at blocks.0.attn.scores ('overflow') and the accumulated
+stream is non-finite after it ('fail'); gpt2/stress/hf/fp16 makes non-finite scores at
+blocks.1.attn.scores although the reference fits ('fail'); gpt_neo/stress/hf/bf16 only warns at
+the logits. Every float has at most 5 significant digits, so it must survive divergence.csv's
+6-digit format exactly.
 """
 from __future__ import annotations
 
@@ -41,7 +44,14 @@ OVERFLOW_SUBJECT = ("gpt_neo", CKPT, "meg", "fp16")
 OVERFLOW_AT = "blocks.0.attn.scores"
 OVERFLOW_HEADROOM = 0.5
 WARN_SUBJECT = ("gpt_neo", CKPT, "hf", "bf16")
+WARN_LOGIT_RATIO = 2.25
+NONFINITE_SUBJECT = ("gpt2", CKPT, "hf", "fp16")
+NONFINITE_AT = "blocks.1.attn.scores"
+NONFINITE_HEADROOM = 2.0
 ATTR_SHARE = 0.62
+PLANTED = (FAIL_SUBJECT, OVERFLOW_SUBJECT, WARN_SUBJECT, NONFINITE_SUBJECT)
+PASS_SUBJECT = ("gpt2", CKPT, "meg", "bf16")
+PASS_SHARE = 0.03
 
 
 def q5(x: float) -> float:
@@ -55,7 +65,7 @@ def site_row(key, mode, site, i, rng, verdict="pass", ratio=None, nonfinite=0, h
     ratio = q5(1.0 + 0.04 * rng.random()) if ratio is None else ratio
     rel = math.inf if nonfinite else q5(floor * ratio)
     reason = "" if verdict == "pass" else (
-        f"{nonfinite} non-finite values" if verdict == "overflow"
+        f"{nonfinite} non-finite values" if nonfinite
         else f"floor_ratio {ratio:g} > {verdict} budget "
              f"{BUDGET_FAIL if verdict == 'fail' else BUDGET_WARN:g}")
     logits = site == "logits"
@@ -83,10 +93,17 @@ def plant(key, mode, site, names):
         if pos >= names.index(WARN_FROM_ACC):
             return ("warn", 2.5, 0, None)
     if key == OVERFLOW_SUBJECT:
-        if site == OVERFLOW_AT or (mode == "accumulated" and pos > names.index(OVERFLOW_AT)):
-            return ("overflow", math.inf, 12, OVERFLOW_HEADROOM if site == OVERFLOW_AT else None)
+        if site == OVERFLOW_AT:
+            return ("overflow", math.inf, 12, OVERFLOW_HEADROOM)
+        if mode == "accumulated" and pos > names.index(OVERFLOW_AT):
+            return ("fail", math.inf, 12, None)
+    if key == NONFINITE_SUBJECT:
+        if site == NONFINITE_AT:
+            return ("fail", math.inf, 5, NONFINITE_HEADROOM)
+        if mode == "accumulated" and pos > names.index(NONFINITE_AT):
+            return ("fail", math.inf, 5, None)
     if key == WARN_SUBJECT and mode == "accumulated" and site == "logits":
-        return ("warn", 2.25, 0, None)
+        return ("warn", WARN_LOGIT_RATIO, 0, None)
     return None
 
 
@@ -122,6 +139,7 @@ def attribution_frame() -> pd.DataFrame:
         row(FAIL_SUBJECT, "reference", "gelu", "jit", "erf", 0.0125, ATTR_SHARE),
         row(FAIL_SUBJECT, "reference", "layernorm", "fp32", "native", 0.0125, -0.25),
         row(OVERFLOW_SUBJECT, "hf", "attn_upcast", "off", "on", 0.5, 0.97, "fp32 q.k"),
+        row(PASS_SUBJECT, "reference", "gelu", "jit", "erf", 0.002, PASS_SHARE),
     ])
 
 
@@ -287,6 +305,7 @@ def test_bad_frames_raise(frames, tmp_path):
 
 # ---------------------------------------------------------------------------- summary.md
 def test_summary_md_verdict_and_first_divergent_sites(rendered, frames):
+    div, _ = frames
     md = rendered[1]["summary.md"].read_text()
     assert "**Overall verdict: FAIL**" in md
     tables = md_tables(md)
@@ -294,10 +313,18 @@ def test_summary_md_verdict_and_first_divergent_sites(rendered, frames):
     assert row["first divergent (accumulated)"] == f"{WARN_FROM_ACC} (warn)"
     assert row["first divergent (local)"] == f"{FAIL_AT} (fail)"
     assert row["verdict"] == "FAIL"
+    assert row["worst site"] == f"{FAIL_AT} (local)"       # the fail, not the earlier warn
+    planted, = div[(div.site == FAIL_AT) & (div["mode"] == "local") & (div.family == "gpt2")
+                   & (div.variant == "meg") & (div.dtype == "fp16")]["reason"]
+    assert row["why"] == planted
     row, = find_row(tables, ["first divergent (local)"], **subject_match(WARN_SUBJECT))
     assert row["first divergent (accumulated)"] == "logits (warn)"
     assert row["first divergent (local)"] == "none"
-    passing = [k for k in subjects() if k not in (FAIL_SUBJECT, OVERFLOW_SUBJECT, WARN_SUBJECT)]
+    assert row["worst site"] == "logits (accumulated)"
+    row, = find_row(tables, ["first divergent (local)"], **subject_match(OVERFLOW_SUBJECT))
+    assert row["first divergent (local)"] == f"{OVERFLOW_AT} (overflow)"
+    assert row["verdict"] == "FAIL"        # the non-finite stream after it fails
+    passing = [k for k in subjects() if k not in PLANTED]
     for key in passing:       # a pass is not listed among the divergences
         assert not find_row(tables, ["first divergent (local)"], **subject_match(key))
 
@@ -308,23 +335,35 @@ def test_summary_md_matrix(rendered):
     cells = {r[0]: dict(zip(head, r)) for r in rows}
     assert set(cells) == set(FAMILIES)
     assert set(head[1:]) == {f"{v} {d}" for v in VARIANTS for d in DTYPES}
-    verdict, ratio = cells["gpt2"]["meg fp16"].split()
+    verdict, ratio, _, site = cells["gpt2"]["meg fp16"].split()
     assert verdict == "FAIL" and float(ratio) == FAIL_LOGIT_RATIO
-    assert cells["gpt_neo"]["meg fp16"].split()[0] == "OVERFLOW"
-    assert cells["gpt_neo"]["hf bf16"].split()[0] == "WARN"
-    assert cells["gpt2"]["hf fp16"].split()[0] == "pass"
+    assert site == FAIL_AT                   # the local site: the layer that makes it
+    assert cells["gpt_neo"]["meg fp16"] == f"FAIL inf from {OVERFLOW_AT} +overflow"
+    assert cells["gpt2"]["hf fp16"] == f"FAIL inf from {NONFINITE_AT}"
+    verdict, ratio, _, site = cells["gpt_neo"]["hf bf16"].split()
+    assert (verdict, float(ratio), site) == ("WARN", WARN_LOGIT_RATIO, "logits")  # acc: no local
+    assert cells["gpt2"]["hf bf16"].split()[0] == "pass"
+    assert len(cells["gpt2"]["hf bf16"].split()) == 2
 
 
 def test_summary_md_overflow_and_logits(rendered, frames):
     div, _ = frames
     tables = md_tables(rendered[1]["summary.md"].read_text())
-    rows = find_row(tables, ["first site", "headroom"], **subject_match(OVERFLOW_SUBJECT))
-    assert {r["mode"] for r in rows} == {"accumulated", "local"}
-    n_acc = ((div["verdict"] == "overflow") & (div["mode"] == "accumulated")).sum()
-    for r in rows:
-        assert r["first site"] == OVERFLOW_AT
-        assert float(r["headroom"]) == OVERFLOW_HEADROOM
-        assert int(r["sites"]) == (n_acc if r["mode"] == "accumulated" else 1)
+    for key, site, headroom, why in ((OVERFLOW_SUBJECT, OVERFLOW_AT, OVERFLOW_HEADROOM,
+                                      "peaks at"),
+                                     (NONFINITE_SUBJECT, NONFINITE_AT, NONFINITE_HEADROOM,
+                                      "fits")):
+        rows = find_row(tables, ["first site", "headroom"], **subject_match(key))
+        assert {r["mode"] for r in rows} == {"accumulated", "local"}
+        sub = div[(div.family == key[0]) & (div.variant == key[2]) & (div.dtype == key[3])
+                  & (div["mode"] == "accumulated")]
+        n_acc = ((sub["verdict"] == "overflow") | (sub["nonfinite"] > 0)).sum()
+        for r in rows:
+            assert r["first site"] == site
+            assert float(r["headroom"]) == headroom
+            assert why in r["magnitude"]
+            assert int(r["sites"]) == (n_acc if r["mode"] == "accumulated" else 1)
+    assert len(find_row(tables, ["first site", "headroom"])) == 4   # nothing else listed
     logit, = find_row(tables, ["top1", "KL"], **subject_match(FAIL_SUBJECT))
     planted = div[(div.site == "logits") & (div["mode"] == "accumulated")
                   & (div.variant == "meg") & (div.family == "gpt2") & (div.dtype == "fp16")]
@@ -344,13 +383,26 @@ def test_attribution_sentence_in_both_documents(rendered, frames):
     assert "larger" in worse and "25%" in worse and worse in md
     vs_hf = report.attribution_sentence(attr[attr["target"] == "hf"].iloc[0].to_dict())
     assert "from hf" in vs_hf and vs_hf in md
+    # a flip with no visible effect is folded into one line, not a sentence of its own
+    quiet = report.attribution_sentence(attr[attr["share"] == 0.004].iloc[0].to_dict())
+    assert quiet not in md
+    assert "no visible effect (under 0.5% each): attn_scores=baddbmm->matmul" in md
+    # a passing subject gets no sentences, only its row in the table of every share
+    calm = report.attribution_sentence(attr[attr["share"] == PASS_SHARE].iloc[0].to_dict())
+    assert calm not in md
+    tables = md_tables(md)
+    share_row, = find_row(tables, ["gelu", "layernorm"], **subject_match(PASS_SUBJECT))
+    assert share_row["gelu"] == f"+{PASS_SHARE:.0%}" and share_row["layernorm"] == ""
+    share_row, = find_row(tables, ["gelu", "layernorm"], **subject_match(FAIL_SUBJECT))
+    assert share_row["gelu"] == f"+{ATTR_SHARE:.0%}" and share_row["layernorm"] == "-25%"
+    assert share_row["attn_scores"] == "0%"
     # the main cause of the failing subject is the knob with the largest share
-    row, = find_row(md_tables(md), ["main cause"], **subject_match(FAIL_SUBJECT))
+    row, = find_row(tables, ["main cause"], **subject_match(FAIL_SUBJECT))
     assert row["main cause"].startswith("gelu=jit->erf")
 
 
 def test_verdict_follows_the_worst_row(tmp_path):
-    keys = subjects(families=("gpt2",), variants=("hf",))
+    keys = subjects(families=("gptj",), variants=("hf",))      # nothing planted there
     clean = divergence_frame(keys)
     assert report.overall_verdict(clean) == "PASS"
     md = report.render_markdown(clean, None, RUN, TITLE)
@@ -360,7 +412,10 @@ def test_verdict_follows_the_worst_row(tmp_path):
     assert report.overall_verdict(warned) == "WARN"
     overflowed = warned.copy()
     overflowed.loc[overflowed.index[3], "verdict"] = "overflow"
-    assert report.overall_verdict(overflowed) == "FAIL"
+    assert report.overall_verdict(overflowed) == "OVERFLOW"
+    failed = overflowed.copy()
+    failed.loc[failed.index[1], "verdict"] = "fail"
+    assert report.overall_verdict(failed) == "FAIL"
 
 
 def test_missing_local_mode_is_not_a_clean_local(frames):
@@ -370,6 +425,32 @@ def test_missing_local_mode_is_not_a_clean_local(frames):
     md = report.render_markdown(acc_only, attr, RUN, TITLE)
     row, = find_row(md_tables(md), ["first divergent (local)"], **subject_match(WARN_SUBJECT))
     assert row["first divergent (local)"] == "not measured"
+
+
+def test_gate_checks_decide_the_headline(frames, tmp_path):
+    """A gate report: its checks come first and decide the verdict; with no layer-by-layer
+    comparison the divergence frame may be empty, but never with no checks at all."""
+    div, attr = frames
+    checks = [{"check": "golden logits", "verdict": "fail", "detail": "top-1 0.5 < 0.99",
+               "figures": {"top1": 0.5, "kl": 0.25}},
+              {"check": "hf oracle", "verdict": "skip", "detail": "transformers missing"}]
+    paths = report.write_report(tmp_path / "gate", div.iloc[:0], None, RUN, "gate", checks)
+    md = paths["summary.md"].read_text()
+    assert "**Overall verdict: FAIL**" in md
+    row, = find_row(md_tables(md), ["check", "detail"], check="golden logits")
+    assert row["verdict"] == "FAIL" and row["figures"] == "kl=0.25, top1=0.5"
+    row, = find_row(md_tables(md), ["check", "detail"], check="hf oracle")
+    assert row["verdict"] == "SKIP"
+    assert pd.read_csv(paths["divergence.csv"]).empty
+    p = StrictHTML()
+    p.feed(paths["index.html"].read_text())
+    assert not p.errors and not p.stack
+    passing = [dict(c, verdict="pass") for c in checks]
+    md = report.render_markdown(div, attr, RUN, "gate", passing)
+    assert "**Overall verdict: PASS**" in md           # the gate's policy has the last word
+    assert "### checkpoint stress: FAIL" in md         # the layer verdicts are still shown
+    with pytest.raises(ParityError, match="verdict"):
+        report.write_report(tmp_path / "bad", div, attr, RUN, "gate", [{"check": "x"}])
 
 
 # ---------------------------------------------------------------------------- index.html
@@ -429,4 +510,4 @@ def test_terminal_summary(frames):
     assert "FAIL" in fail_line and FAIL_AT in fail_line and WARN_FROM_ACC in fail_line
     assert "gelu=jit->erf" in fail_line
     assert "FAIL" in lines[0]
-    assert report.terminal_summary(div, attr, problems_only=True).row_count == 3
+    assert report.terminal_summary(div, attr, problems_only=True).row_count == len(PLANTED)

@@ -1,0 +1,429 @@
+"""Golden activation files (parity/goldens.py): update, check, manifest, foreign goldens.
+
+What a user relies on: the committed goldens reproduce here (the regression test of the suite);
+a change of the reference or of the fast path fails the check with a message naming the file,
+the site and the size of the change; a corrupted, tampered, unlisted or unknown-format golden
+is an error (exit 2), never a pass; an update that fails half-way leaves the old goldens as they
+were; a golden written by hand from another framework is checked against the reference with a
+tolerance that follows from its dtype.
+
+Every test but the committed-golden ones works on a copy in a temporary folder: nothing here
+writes to golden/ unless pytest runs with --update-golden.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import reference
+import reference.ops as ops
+from parity import fast, goldens
+from parity.budgets import tolerance
+from parity.checkpoint import load_checkpoint
+from parity.errors import ParityError
+
+FAMILIES = ["gpt2", "gptmeg"]  # a Conv1D family and its Megatron twin: enough for the flows
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("golden-made")
+    goldens.update(d, families=FAMILIES, reason="test", log=lambda *_: None)
+    return d
+
+
+@pytest.fixture
+def gdir(made, tmp_path) -> Path:
+    """A private copy of the freshly made goldens."""
+    d = tmp_path / "golden"
+    shutil.copytree(made, d)
+    return d
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def manifest(d: Path) -> dict:
+    return json.loads((d / goldens.MANIFEST).read_text())
+
+
+def write_manifest(d: Path, m: dict) -> None:
+    (d / goldens.MANIFEST).write_text(json.dumps(m, indent=1))
+
+
+def rewrite(d: Path, rel: str, tensors_fn=None, meta_fn=None, reseal=True) -> None:
+    """Edit a golden by hand (what `check` must catch); `reseal` also fixes its sha256 in the
+    manifest, as someone covering their tracks would."""
+    p = d / rel
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if tensors_fn:
+        tensors_fn(tensors)
+    if meta_fn:
+        meta_fn(meta)
+    p.write_bytes(goldens.serialize(tensors, meta))
+    if reseal:
+        m = manifest(d)
+        m["files"][rel]["sha256"] = goldens._sha(p)
+        write_manifest(d, m)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = goldens.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+REF = "gptmeg/reference-float64.safetensors"
+
+
+# ------------------------------------------------------------------------------ update, then check
+def test_update_then_check_passes_and_the_manifest_describes_every_file(gdir, capsys):
+    rc, out, _ = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 0, out
+    planned = {s.path for s in goldens.plan(FAMILIES)}
+    m = manifest(gdir)
+    assert set(m["files"]) == planned == {
+        p.relative_to(gdir).as_posix() for p in gdir.rglob("*.safetensors")}
+    for rel, e in m["files"].items():
+        assert e["sha256"] == goldens._sha(gdir / rel) and e["bytes"] == (gdir / rel).stat().st_size
+        assert e["generator_version"] == goldens.GENERATOR_VERSION
+        assert {"torch", "numpy", "device"} <= set(e["environment"])
+        assert e["checkpoint"]["family"] == e["family"]
+        assert {"preset", "seed", "config_sha256", "weights_sha256"} <= set(e["checkpoint"])
+        assert {"step1", "step2"} == set(e["inputs"])
+        assert goldens.Spec.from_entry(rel, e).path == rel
+    assert m["history"][-1]["reason"] == "test"
+    assert out.count("PASS ") == len(planned) and "0 fail" in out.splitlines()[-1]
+
+
+def test_update_without_changes_rewrites_nothing(gdir):
+    before = snapshot(gdir)
+    assert goldens.update(gdir, families=FAMILIES, reason="again", log=lambda *_: None) == []
+    assert snapshot(gdir) == before  # same bytes: safetensors headers are written sorted
+
+
+def test_golden_holds_padding_and_a_cache_step_equal_to_the_full_forward(gdir, tiny_checkpoints):
+    """Step 2 (past = step 1's cache) of the reference golden equals one forward over the
+    concatenated tokens; the padded row has explicit positions starting at its first token."""
+    g = {}
+    with safe_open(str(gdir / "gpt2/reference-float64.safetensors"), framework="np") as f:
+        g = {k: f.get_tensor(k) for k in f.keys()}
+    mask1, mask2 = g["attention_mask"], g["step2/attention_mask"]
+    assert (mask1[1] == 0).any() and (mask1[0] == 1).all()  # row 1 left-padded
+    assert g["position_ids"][1][mask1[1] == 1][0] == 0
+    assert mask2.shape[1] == mask1.shape[1] + g["step2/input_ids"].shape[1]
+    ckpt = load_checkpoint(tiny_checkpoints["gpt2"])
+    ids = np.concatenate([g["input_ids"], g["step2/input_ids"]], axis=1)
+    pos = np.concatenate([g["position_ids"], g["step2/position_ids"]], axis=1)
+    full = reference.forward(ckpt.config, ckpt.weights(), ids, mask2, pos)
+    t2 = g["step2/input_ids"].shape[1]
+    r, y = full.logits[:, -t2:], g["step2/logits"]
+    assert np.abs(y - r).max() <= tolerance("float64_exact") * np.abs(r).max()
+
+
+def test_fast_goldens_store_sites_in_the_dtype_that_made_them(gdir):
+    with safe_open(str(gdir / "gpt2/fast-hf-bfloat16-cpu-emulated.safetensors"), "pt") as f:
+        assert f.get_tensor("logits").dtype == torch.bfloat16
+        assert f.get_tensor("step2/blocks.0.resid_post").dtype == torch.bfloat16
+        assert f.get_tensor("input_ids").dtype == torch.int64
+        assert f.metadata()["device_class"] == "cpu-emulated"
+
+
+# ------------------------------------------------------------------------------ divergences
+def test_changed_reference_fails_naming_the_file_site_and_size(gdir, monkeypatch, capsys,
+                                                               tiny_checkpoints):
+    """GPTMeg's truncated gelu constant replaced by the exact one: a 2.6e-10 change."""
+    monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)
+    rc, out, _ = run_cli(capsys, "check", "--dir", gdir, "--families", "gptmeg")
+    assert rc == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith(f"FAIL {REF}: site blocks.0.resid_post ")
+    # the size reported is the size of the change, recomputed here independently
+    with safe_open(str(gdir / REF), framework="np") as f:
+        old = f.get_tensor("blocks.0.resid_post")
+        ids, mask, pos = (f.get_tensor(k) for k in ("input_ids", "attention_mask", "position_ids"))
+    ckpt = load_checkpoint(tiny_checkpoints["gptmeg"])
+    new = reference.forward(ckpt.config, ckpt.weights(), ids, mask, pos)["blocks.0.resid_post"]
+    rel = np.abs(new - old).max() / np.abs(old).max()
+    assert rel > tolerance("golden_float64")
+    assert f"max rel change {rel:.3g}" in fails[0] and "golden_float64" in fails[0]
+
+
+def test_changed_fast_path_fails_only_the_goldens_it_touches(gdir, monkeypatch):
+    """pow(x, 3) rounded once instead of CUDA's twice: only the emulated eager gelu_new moves."""
+    monkeypatch.setattr(fast.Numerics, "pow3", lambda self, x: self.r(torch.pow(x, 3.0)))
+    results = goldens.check(gdir, ["gpt2"])
+    failed = {r.path for r in results if r.status == "fail"}
+    assert failed == {"gpt2/fast-hf-float16-cpu-emulated.safetensors",
+                      "gpt2/fast-hf-bfloat16-cpu-emulated.safetensors"}
+    for r in results:
+        if r.status == "fail":
+            assert r.message.startswith(f"FAIL {r.path}: site ") and "ULP of" in r.message
+            assert "golden_fast_ulp" in r.message
+
+
+def test_update_records_a_change_and_check_then_passes(gdir, monkeypatch):
+    monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)
+    changed = goldens.update(gdir, families=["gptmeg"], reason="exact constant",
+                             log=lambda *_: None)
+    assert changed == [REF]
+    assert manifest(gdir)["history"][-1]["changed"] == [REF]
+    assert all(r.status == "pass" for r in goldens.check(gdir, ["gptmeg"]))
+
+
+def test_hand_edited_value_with_resealed_manifest_fails_at_that_site(gdir, capsys):
+    def bump(t):
+        t["step2/ln_f"][1, 0, 5] *= 1 + 1e-9
+
+    rewrite(gdir, REF, bump)
+    rc, out, _ = run_cli(capsys, "check", "--dir", gdir, "--families", "gptmeg")
+    assert rc == 1 and f"FAIL {REF}: site step2/ln_f " in out
+
+
+# ------------------------------------------------------------------------------ integrity errors
+def test_flipped_byte_is_reported_as_a_checksum_error(gdir, capsys):
+    p = gdir / REF
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    p.write_bytes(bytes(b))
+    rc, out, err = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 2 and "PASS" not in out
+    assert_one_error_line(err, str(p), "sha256", "corrupted")
+
+
+@pytest.mark.parametrize("stale", ["missing file", "extra file", "sha256 edited", "no manifest",
+                                   "entry relabelled"])
+def test_stale_manifest_is_an_error(gdir, capsys, stale):
+    rel = "gpt2/fast-meg-float16-cpu-emulated.safetensors"
+    if stale == "missing file":
+        (gdir / rel).unlink()
+        needles = (rel, "listed in MANIFEST.json but missing")
+    elif stale == "extra file":
+        shutil.copy(gdir / rel, gdir / "gpt2/extra.safetensors")
+        needles = ("gpt2/extra.safetensors", "not listed in MANIFEST.json")
+    elif stale == "sha256 edited":
+        m = manifest(gdir)
+        m["files"][rel]["sha256"] = "0" * 64
+        write_manifest(gdir, m)
+        needles = (rel, "does not match MANIFEST.json")
+    elif stale == "no manifest":
+        (gdir / goldens.MANIFEST).unlink()
+        needles = ("MANIFEST.json", "no golden manifest")
+    else:
+        m = manifest(gdir)
+        m["files"][rel]["dtype"] = "bfloat16"
+        write_manifest(gdir, m)
+        needles = (rel, "tampered")
+    rc, out, err = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 2 and "PASS" not in out
+    assert_one_error_line(err, *needles)
+
+
+def test_tampered_metadata_is_an_error(gdir, capsys):
+    rel = "gpt2/fast-hf-float16-cpu-native.safetensors"
+    rewrite(gdir, rel, meta_fn=lambda m: m.update(device_class="cpu-emulated"))
+    rc, _, err = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 2
+    assert_one_error_line(err, rel, "device_class", "tampered")
+
+
+@pytest.mark.parametrize("tag", ["parity-golden/2", "something-else"])
+def test_unknown_format_is_an_error(gdir, capsys, tag):
+    rewrite(gdir, REF, meta_fn=lambda m: m.update(format=tag))
+    rc, _, err = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 2
+    assert_one_error_line(err, REF, "format", tag)
+
+
+def test_unknown_manifest_generator_is_an_error(gdir, capsys):
+    m = manifest(gdir)
+    m["generator"]["version"] = goldens.GENERATOR_VERSION + 1
+    write_manifest(gdir, m)
+    rc, _, err = run_cli(capsys, "check", "--dir", gdir)
+    assert rc == 2
+    assert_one_error_line(err, "MANIFEST.json", "generator version")
+
+
+# ------------------------------------------------------------------------------ interrupted update
+def test_generator_failing_midway_leaves_the_old_goldens(gdir, monkeypatch):
+    monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)  # something to write
+    before = snapshot(gdir)
+    real, calls = goldens.generate, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("generator died")
+        return real(*a, **k)
+
+    monkeypatch.setattr(goldens, "generate", failing)
+    with pytest.raises(RuntimeError, match="generator died"):
+        goldens.update(gdir, reason="interrupted", log=lambda *_: None)
+    assert snapshot(gdir) == before
+
+
+def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
+    monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)
+    monkeypatch.setattr(fast.Numerics, "pow3", lambda self, x: self.r(torch.pow(x, 3.0)))
+    before = snapshot(gdir)
+    real, calls = goldens._install, []
+
+    def failing(tmp, target):
+        calls.append(target)
+        if len(calls) == 3:  # two goldens already replaced, the manifest not yet
+            raise OSError("disk full")
+        real(tmp, target)
+
+    monkeypatch.setattr(goldens, "_install", failing)
+    with pytest.raises(OSError, match="disk full"):
+        goldens.update(gdir, reason="interrupted", log=lambda *_: None)
+    assert len(calls) == 3 and snapshot(gdir) == before
+    monkeypatch.undo()
+    assert all(r.status == "pass" for r in goldens.check(gdir))
+
+
+# ------------------------------------------------------------------------------ device classes
+def test_goldens_of_other_device_classes_are_skipped_with_the_device_they_need(gdir, monkeypatch):
+    src = "gpt2/fast-hf-float16-cpu-emulated.safetensors"
+    rel = "gpt2/fast-hf-float16-cuda-sm90.safetensors"
+    shutil.copy(gdir / src, gdir / rel)
+    m = manifest(gdir)
+    m["files"][rel] = dict(m["files"][src], device_class="cuda-sm90")
+    write_manifest(gdir, m)
+    rewrite(gdir, rel, meta_fn=lambda md: md.update(device_class="cuda-sm90"))
+    monkeypatch.setattr(goldens, "cuda_class", lambda: None)
+    monkeypatch.setattr(goldens, "cpu_fingerprint", lambda: "x86_64 SOMEOTHERCPU")
+    by = {r.path: r for r in goldens.check(gdir, ["gpt2"])}
+    assert by[rel].status == "skip" and "cuda-sm90" in by[rel].message
+    assert "compute capability 9.0" in by[rel].message
+    for path, r in by.items():
+        if path.endswith("cpu-native.safetensors"):  # native CPU kernels differ by CPU kind
+            assert r.status == "skip" and "needs a CPU like the one that made it" in r.message
+        if path.endswith("cpu-emulated.safetensors"):  # checked, to a budget for another CPU
+            assert r.status == "pass" and "golden_cpu_emulated_other_cpu" in r.message
+    assert by["gpt2/reference-float64.safetensors"].status == "pass"
+
+
+def test_update_refuses_a_device_class_this_machine_lacks(gdir, monkeypatch):
+    monkeypatch.setattr(goldens, "cuda_class", lambda: None)
+    with pytest.raises(ParityError, match="cuda-sm90.*no CUDA device"):
+        goldens.update(gdir, classes=["cuda-sm90"], reason="x")
+
+
+def test_torch_upgrade_shows_the_drift_per_site(gdir, monkeypatch, capsys):
+    monkeypatch.setattr(goldens, "torch_version", lambda: "9.9.9")
+    rc, out, _ = run_cli(capsys, "check", "--dir", gdir, "--families", "gpt2")
+    assert rc == 0
+    n_fast = sum(s.impl == "fast" for s in goldens.plan(["gpt2"]))
+    assert out.count("torch 9.9.9 (golden made with") == n_fast
+    assert out.count("max ULP 0 ") == n_fast * len(goldens.golden_sites("gpt2", 4)) * 2
+
+
+def test_update_needs_a_reason(gdir, capsys):
+    rc, _, err = run_cli(capsys, "update", "--dir", gdir)
+    assert rc == 2
+    assert_one_error_line(err, "--reason")
+
+
+# ------------------------------------------------------------------------------ committed goldens
+@pytest.mark.golden
+def test_committed_goldens_reproduce(request):
+    """The regression test: golden/ as committed reproduces on this machine (goldens of other
+    device classes are skipped with their reason). `pytest --update-golden` regenerates them
+    first, through `parity golden update`'s code path."""
+    if request.config.getoption("--update-golden"):
+        goldens.update(goldens.DEFAULT_DIR, reason="pytest --update-golden")
+    results = goldens.check(goldens.DEFAULT_DIR)
+    failed = [r.message for r in results if r.status == "fail"]
+    assert not failed, "\n".join(failed)
+    refs = [r for r in results if r.spec.impl == "reference"]
+    assert {r.spec.family for r in refs} == set(reference.FAMILIES)
+    assert all(r.status == "pass" for r in refs)
+    assert any(r.status == "pass" and r.spec.device_class == "cpu-emulated" for r in results)
+
+
+@pytest.mark.golden
+def test_committed_goldens_cover_every_family_within_the_size_budget():
+    files = manifest(goldens.DEFAULT_DIR)["files"]
+    cpu = {s.path for s in goldens.plan(classes=["any", *goldens.CPU_CLASSES])}
+    assert cpu <= set(files)
+    total = sum(p.stat().st_size for p in goldens.DEFAULT_DIR.rglob("*") if p.is_file())
+    assert total <= goldens.SIZE_BUDGET_BYTES
+
+
+# ------------------------------------------------------------------------------ foreign goldens
+def foreign_golden(path: Path, ckpt_dir: Path, plant: float = 0.0) -> Path:
+    """What another framework would write with nothing but safetensors: float32 logits (here the
+    reference's, cast) and one site; `plant` adds plant * max|logits| to one logit."""
+    ckpt = load_checkpoint(ckpt_dir)
+    ids = np.array([[0, 17, 300, 5, 44, 2], [0, 0, 8, 9, 511, 3]], dtype=np.int64)
+    mask = (np.arange(6)[None, :] >= np.array([[0], [2]])).astype(np.int64)
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    tr = reference.forward(ckpt.config, ckpt.weights(), ids, mask, pos)
+    logits = tr.logits.astype(np.float32)
+    logits[1, -1, 7] += np.float32(plant * np.abs(tr.logits).max())
+    save_file({"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits": logits,
+               "blocks.1.resid_post": tr["blocks.1.resid_post"].astype(np.float32)},
+              str(path), metadata={"format": "parity-golden/1", "family": "gpt2",
+                                   "producer": "another framework 1.0", "dtype": "float32"})
+    return path
+
+
+def test_foreign_float32_golden_passes_and_a_planted_change_fails(tiny_checkpoints, tmp_path,
+                                                                  capsys):
+    ck = tiny_checkpoints["gpt2"]
+    good = foreign_golden(tmp_path / "good.safetensors", ck)
+    rows = goldens.check_foreign_golden(good, ck)
+    assert [r["site"] for r in rows] == ["blocks.1.resid_post", "logits"]
+    assert all(r["status"] == "pass" and r["tolerance_name"] == "golden_float32" for r in rows)
+    assert all(0 < r["rel"] <= tolerance("golden_float32") for r in rows)
+    bad = foreign_golden(tmp_path / "bad.safetensors", ck, plant=1e-4)
+    rows = {r["site"]: r for r in goldens.check_foreign_golden(bad, ck)}
+    assert rows["blocks.1.resid_post"]["status"] == "pass"
+    assert rows["logits"]["status"] == "fail" and rows["logits"]["rel"] > tolerance("golden_float32")
+    assert run_cli(capsys, "check", "--file", good, "--checkpoint", ck)[0] == 0
+    rc, out, _ = run_cli(capsys, "check", "--file", bad, "--checkpoint", ck)
+    assert rc == 1 and "FAIL" in out and "logits" in out
+
+
+def test_our_goldens_pass_as_foreign_goldens_cache_step_included(gdir, tiny_checkpoints):
+    ck = tiny_checkpoints["gpt2"]
+    for rel, dtype in [("gpt2/reference-float64.safetensors", "float64"),
+                       ("gpt2/fast-meg-bfloat16-cpu-emulated.safetensors", "bfloat16")]:
+        rows = goldens.check_foreign_golden(gdir / rel, ck)
+        assert {r["step"] for r in rows} == {1, 2}
+        assert all(r["status"] == "pass" and r["tolerance_name"] == f"golden_{dtype}"
+                   for r in rows), [r for r in rows if r["status"] != "pass"]
+
+
+def test_foreign_golden_of_another_family_is_an_error(tiny_checkpoints, tmp_path):
+    p = foreign_golden(tmp_path / "g.safetensors", tiny_checkpoints["gpt2"])
+    with pytest.raises(ParityError, match="family 'gpt2'.*'gptj'"):
+        goldens.check_foreign_golden(p, tiny_checkpoints["gptj"])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_golden_tolerance_follows_the_dtype(dtype):
+    assert goldens.golden_tolerance(dtype) == (f"golden_{dtype}", tolerance(f"golden_{dtype}"))
+
+
+def test_golden_tolerance_of_an_unknown_dtype_is_an_error():
+    with pytest.raises(ParityError, match="int8"):
+        goldens.golden_tolerance("int8")
