@@ -213,6 +213,14 @@ def torch_version() -> str:
     return torch.__version__
 
 
+def numpy_version() -> str:
+    return np.__version__
+
+
+DRIFT_LIB = {"reference": "numpy", "fast": "torch"}  # what computes each implementation
+LIB_VERSION = {"numpy": lambda: numpy_version(), "torch": lambda: torch_version()}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 class Checkpoints(contextlib.AbstractContextManager):
     """The tiny checkpoints of the recipes, written once per run into a temporary folder."""
@@ -330,16 +338,17 @@ def _site_tensors(trace, prefix: str, where: str) -> dict:
 
 
 def file_metadata(spec: Spec, meta: dict, cfg, recipe: dict) -> dict[str, str]:
-    import torch
-
     md = {
         "format": FORMAT, "family": spec.family, "dtype": spec.dtype,
         "producer": meta.get("producer", f"gpt-parity {spec.impl}"),
         "device": meta.get("device", "cpu"), "device_class": spec.device_class,
         "impl": spec.impl, "config_sha256": cfg.sha256(), "recipe": json.dumps(recipe),
         "generator": f"{GENERATOR} {GENERATOR_VERSION}", "steps": "2",
-        "step2_prefix": STEP2_PREFIX, "torch": torch.__version__, "numpy": np.__version__,
+        "step2_prefix": STEP2_PREFIX,
     }
+    # the library whose upgrade may move the numbers (and nothing else, so that an upgrade of
+    # the other leaves the file's bytes alone)
+    md[DRIFT_LIB[spec.impl]] = LIB_VERSION[DRIFT_LIB[spec.impl]]()
     if spec.impl == "fast":
         md.update(variant=spec.variant, knobs=meta.get("knobs", ""),
                   emulate=meta.get("emulate", ""), jit_fused=meta.get("jit_fused", ""))
@@ -407,7 +416,8 @@ def read_manifest(golden_dir: Path, missing_ok: bool = False) -> dict:
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         fmt = m.get("format") if isinstance(m, dict) else None
         raise ParityError(f"{p}: format is {fmt!r}, expected {MANIFEST_FORMAT!r}")
-    v = (m.get("generator") or {}).get("version")
+    gen = m.get("generator")
+    v = gen.get("version") if isinstance(gen, dict) else None
     if not isinstance(v, int) or v > GENERATOR_VERSION:
         raise ParityError(f"{p}: made by generator version {v!r}; this gpt-parity knows "
                           f"versions up to {GENERATOR_VERSION}")
@@ -535,7 +545,8 @@ def _write_all(golden_dir: Path, blobs: dict[str, bytes]) -> None:
                     backup = temps[rel] + ".old"
                     os.replace(target, backup)
                 done.append((target, backup))
-                _install(temps.pop(rel), target)
+                _install(temps[rel], target)
+                del temps[rel]
         except BaseException:
             for target, backup in reversed(done):
                 if backup is not None:
@@ -611,8 +622,7 @@ class FileResult:
     message: str
     spec: Spec | None = None
     sites: list[SiteDiff] = field(default_factory=list)
-    golden_torch: str = ""
-    drift: bool = False  # torch differs from the golden's: show the per-site drift
+    drift: str = ""  # the library that computes it differs from the golden's: say which
 
 
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23}
@@ -660,12 +670,11 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         stored = {k: f.get_tensor(k) for k in f.keys()}
-    golden_torch = meta.get("torch", "")
     why = unavailable(spec, meta.get("cpu"))
     if why:
-        return FileResult(rel, "skip", f"SKIP {rel}: {why}", spec, golden_torch=golden_torch)
-    recipe = json.loads(meta.get("recipe") or "{}") or entry.get("checkpoint", {})
+        return FileResult(rel, "skip", f"SKIP {rel}: {why}", spec)
     try:
+        recipe = json.loads(meta.get("recipe") or "{}")
         ckpt, wsha = ckpts.get(recipe["family"], recipe["preset"], int(recipe["seed"]))
     except (KeyError, TypeError, ValueError):
         raise ParityError(f"{path}: no usable checkpoint recipe in its metadata") from None
@@ -706,8 +715,10 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
         diffs.append(d)
     bound = limit_for(spec, meta.get("cpu"))
     bad = [d for d in diffs if bound.exceeded(d)]
-    res = FileResult(rel, "pass", "", spec, diffs, golden_torch,
-                     drift=spec.impl == "fast" and golden_torch != torch_version())
+    lib = DRIFT_LIB[spec.impl]
+    was, now = meta.get(lib, ""), LIB_VERSION[lib]()
+    res = FileResult(rel, "pass", "", spec, diffs,
+                     drift=f"{lib} {now} (golden made with {lib} {was or '?'})" if was != now else "")
     if bad:
         first = bad[0]
         more = f"; {len(bad) - 1} more site(s) diverge: " + ", ".join(
@@ -860,7 +871,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--families", nargs="+", default=None)
     c.add_argument("--dir", default=None, help=f"golden folder (default {DEFAULT_DIR})")
     c.add_argument("--show-drift", action="store_true",
-                   help="per-site drift of every fast golden (shown anyway when torch differs)")
+                   help="per-site drift of every golden (shown anyway when the torch (fast path) "
+                        "or numpy (reference) version differs from the golden's)")
     c.add_argument("--file", action="append", default=None, metavar="FILE",
                    help="check a parity-golden/1 file (from any system) against the float64 "
                         "reference on --checkpoint instead of the golden folder (repeatable)")
@@ -895,7 +907,7 @@ def cmd_golden(a) -> int:
         print(r.message)
         if r.status != "skip" and (r.drift or a.show_drift):
             if r.drift:
-                print(f"  torch {torch_version()} (golden made with {r.golden_torch}): drift per site")
+                print(f"  {r.drift}: drift per site")
             for s in r.sites:
                 print(f"  {s.site:32s} {s.dtype:9s} max ULP {s.max_ulp:<6g} max rel "
                       f"{s.rel:<10.3g} changed {s.changed}/{s.total}")

@@ -17,7 +17,6 @@ import pytest
 
 import reference
 from parity import budgets as B
-from parity import metrics as M
 from parity.attribution import ATTR_COLUMNS, PRECISE, knob_attribution, pair_divergence
 from parity.checkpoint import load_checkpoint
 from parity.compare import Subject, compare, first_divergent, overall

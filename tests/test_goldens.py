@@ -275,7 +275,7 @@ def test_generator_failing_midway_leaves_the_old_goldens(gdir, monkeypatch):
 
     monkeypatch.setattr(goldens, "generate", failing)
     with pytest.raises(RuntimeError, match="generator died"):
-        goldens.update(gdir, reason="interrupted", log=lambda *_: None)
+        goldens.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
     assert snapshot(gdir) == before
 
 
@@ -293,7 +293,7 @@ def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
 
     monkeypatch.setattr(goldens, "_install", failing)
     with pytest.raises(OSError, match="disk full"):
-        goldens.update(gdir, reason="interrupted", log=lambda *_: None)
+        goldens.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
     assert len(calls) == 3 and snapshot(gdir) == before
     monkeypatch.undo()
     assert all(r.status == "pass" for r in goldens.check(gdir))
@@ -327,13 +327,14 @@ def test_update_refuses_a_device_class_this_machine_lacks(gdir, monkeypatch):
         goldens.update(gdir, classes=["cuda-sm90"], reason="x")
 
 
-def test_torch_upgrade_shows_the_drift_per_site(gdir, monkeypatch, capsys):
-    monkeypatch.setattr(goldens, "torch_version", lambda: "9.9.9")
+@pytest.mark.parametrize("lib, impl", [("torch", "fast"), ("numpy", "reference")])
+def test_an_upgrade_shows_the_drift_per_site(gdir, monkeypatch, capsys, lib, impl):
+    monkeypatch.setattr(goldens, f"{lib}_version", lambda: "9.9.9")
     rc, out, _ = run_cli(capsys, "check", "--dir", gdir, "--families", "gpt2")
     assert rc == 0
-    n_fast = sum(s.impl == "fast" for s in goldens.plan(["gpt2"]))
-    assert out.count("torch 9.9.9 (golden made with") == n_fast
-    assert out.count("max ULP 0 ") == n_fast * len(goldens.golden_sites("gpt2", 4)) * 2
+    n = sum(s.impl == impl for s in goldens.plan(["gpt2"]))
+    assert out.count(f"  {lib} 9.9.9 (golden made with {lib} ") == n
+    assert out.count("max ULP 0 ") == n * len(goldens.golden_sites("gpt2", 4)) * 2
 
 
 def test_update_needs_a_reason(gdir, capsys):

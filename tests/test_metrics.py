@@ -135,6 +135,11 @@ def test_rel_l2_and_cosine_hand_cases():
     assert M.rel_l2(r + np.array([0.0, 0.0, 0.3]), r) == pytest.approx(0.1, rel=B.tolerance(EXACT))
     assert M.rel_l2(np.zeros(3), np.zeros(3)) == 0.0  # 0 / 0
     assert M.rel_l2(np.ones(3), np.zeros(3)) == math.inf
+    # a non-finite subject value is an infinite error, not a dropped element (an all-NaN
+    # subject once read as exact); outside the valid elements it does not count
+    assert M.rel_l2(np.full(3, np.nan), r) == math.inf
+    assert M.rel_l2(np.array([1.0, 2.0, np.inf]), r) == math.inf
+    assert M.rel_l2(np.array([1.0, 2.0, np.inf]), r, np.array([True, True, False])) == 0.0
     # an opposite vector: cosine -1; orthogonal: 0
     assert close(M.site_metrics(-r, r, "float64")["cosine"], -1.0)
     assert M.site_metrics(np.array([0.0, 1.0]), np.array([1.0, 0.0]), "float64")["cosine"] == 0.0
