@@ -94,7 +94,7 @@ def emulation_vs_cuda(ckpt, inp) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--native-repeats", type=int, default=2,
                     help="native CPU fp16 is slow; fewer repeats of it")
     ap.add_argument("--ckpt", default=None, help="reuse a checkpoint directory (made if absent)")

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--junit", default=None, help="write a JUnit XML file for CI dashboards")
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    from .goldens import add_parser as add_golden_parser
+
+    add_golden_parser(sub)
+
     c = sub.add_parser("checkpoint", help="checkpoint utilities")
     csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
     m = csub.add_parser("make", help="write a seeded random checkpoint in HF layout")
@@ -229,7 +233,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-COMMANDS = {"trace": cmd_trace, "report": cmd_report, "gate": cmd_gate,
+def cmd_golden(a) -> int:
+    from .goldens import cmd_golden as run
+
+    return run(a)
+
+
+COMMANDS = {"trace": cmd_trace, "report": cmd_report, "gate": cmd_gate, "golden": cmd_golden,
             "checkpoint": cmd_checkpoint}
 
 

@@ -16,6 +16,12 @@ training framework produced). What this module keeps in `golden/`:
   The second step lives in the same file under the `step2/` prefix (`step2/input_ids`,
   `step2/attention_mask` over past + new tokens, `step2/position_ids`, `step2/<site>`).
 - a subset of sites, each stored in the dtype that produced it (see `golden_sites`).
+- CPU goldens record the CPU they were made on (`cpu_fingerprint`: architecture, torch's kernel
+  level, half-precision instruction flags). `cpu-native` goldens are checked only on a CPU with
+  the same fingerprint (torch's native half kernels differ by instruction set) and skipped with
+  that reason elsewhere; `cpu-emulated` goldens are checked everywhere: bitwise on the same
+  fingerprint, within `golden_cpu_emulated_other_cpu` (a few eps of the dtype) on another.
+- generation and check run torch on one thread (a reduction may split differently otherwise).
 - `MANIFEST.json`: sha256, size, generator version, environment, checkpoint recipe, inputs and
   identity of every file; written last by `update`.
 
@@ -61,7 +67,7 @@ RECIPE = {"preset": "tiny", "seed": 0}
 STEP1 = {"length": 8, "seed": 0, "pad": 3}  # parity.inputs.default_batch arguments
 STEP2 = {"tokens": 3, "seed": 1}
 STEP2_PREFIX = "step2/"
-DETAIL_LAYER = 1  # the layer whose attention scores and gelu output are kept (GPT-Neo: local)
+DETAIL_LAYER = 1  # the layer whose attention scores are kept (GPT-Neo: a local layer)
 HALF_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
                   "amx_fp16")
 
@@ -94,7 +100,8 @@ class Spec:
         except (KeyError, TypeError):
             raise ParityError(f"{MANIFEST}: entry {path!r} lacks family/impl/dtype/device_class")
         if s.path != path:
-            raise ParityError(f"{MANIFEST}: entry {path!r} describes {s.path!r} (tampered manifest)")
+            raise ParityError(f"{MANIFEST}: entry {path!r} describes {s.path!r} "
+                              "(tampered manifest)")
         return s
 
 
@@ -296,16 +303,18 @@ def run_step(spec: Spec, ckpt, inputs, sites, past=None):
 
 
 def generate(spec: Spec, ckpt, step1, step2, sites) -> tuple[dict, dict]:
-    """Run both steps; the tensors of the golden file (inputs as int64, sites in the dtype that
-    produced them) and the trace's meta."""
+    """Run step 1 and (unless `step2` is None) the cache step; the tensors of the golden file
+    (inputs as int64, sites in the dtype that produced them) and the trace's meta."""
     with one_thread():
-        t1 = run_step(spec, ckpt, step1, sites)
-        t2 = run_step(spec, ckpt, step2, sites, past=t1.cache)
+        steps = [("", step1, run_step(spec, ckpt, step1, sites))]
+        if step2 is not None:
+            steps.append((STEP2_PREFIX, step2,
+                          run_step(spec, ckpt, step2, sites, past=steps[0][2].cache)))
     tensors = {}
-    for prefix, inp, tr in (("", step1, t1), (STEP2_PREFIX, step2, t2)):
+    for prefix, inp, tr in steps:
         tensors.update(_input_tensors(inp, prefix))
         tensors.update(_site_tensors(tr, prefix, spec.path))
-    return tensors, dict(t1.meta)
+    return tensors, dict(steps[0][2].meta)
 
 
 def _input_tensors(inp, prefix: str) -> dict:
@@ -492,18 +501,15 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
     with Checkpoints() as ckpts:
         for spec in specs:  # phase 1: everything in memory
             made[spec.path] = build(spec, ckpts, reason, now)
+    # changed: new bytes, or a file on disk that is missing or not what its entry says
     changed = [p for p, (_, e) in made.items()
                if (old["files"].get(p) or {}).get("sha256") != e["sha256"]
-               or not (golden_dir / p).is_file()]
+               or not (golden_dir / p).is_file() or _sha(golden_dir / p) != e["sha256"]]
     if not changed:
         log(f"golden update: {len(made)} files regenerated, none changed")
         return []
     files = dict(old["files"])
     files.update({p: made[p][1] for p in changed})
-    total = sum(e["bytes"] for e in files.values())
-    if total > SIZE_BUDGET_BYTES:
-        raise ParityError(f"{golden_dir}: goldens would take {total} bytes, over the "
-                          f"{SIZE_BUDGET_BYTES}-byte budget")
     manifest = {
         "format": MANIFEST_FORMAT,
         "generator": {"name": GENERATOR, "version": GENERATOR_VERSION},
@@ -515,6 +521,10 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
     }
     blobs = {p: made[p][0] for p in changed}
     blobs[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
+    total = sum(e["bytes"] for e in files.values()) + len(blobs[MANIFEST])
+    if total > SIZE_BUDGET_BYTES:
+        raise ParityError(f"{golden_dir}: goldens would take {total} bytes, over the "
+                          f"{SIZE_BUDGET_BYTES}-byte budget")
     _write_all(golden_dir, blobs)
     log(f"golden update: {len(changed)} of {len(made)} files changed, total {total} bytes "
         f"in {golden_dir}")
@@ -532,6 +542,7 @@ def _write_all(golden_dir: Path, blobs: dict[str, bytes]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
             temps[rel] = tmp
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; goldens are for everyone to read
             with os.fdopen(fd, "wb") as f:
                 f.write(blobs[rel])
                 f.flush()
@@ -592,7 +603,8 @@ def diff_arrays(site: str, old: np.ndarray, new: np.ndarray, dtype: str) -> Site
     d = SiteDiff(site, dtype, tuple(old.shape), total=int(old.size))
     if old.shape != new.shape:
         d.rel = d.max_abs = d.max_ulp = math.inf
-        d.changed, d.note = int(old.size), f"shape changed from {list(old.shape)} to {list(new.shape)}"
+        d.changed = int(old.size)
+        d.note = f"shape changed from {list(old.shape)} to {list(new.shape)}"
         return d
     same = (old == new) | (np.isnan(old) & np.isnan(new))
     d.changed = int((~same).sum())
@@ -690,7 +702,8 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     keys = [k for k in stored if k.split("/")[-1] not in INPUT_KEYS]
     sites = sorted({k.removeprefix(STEP2_PREFIX) for k in keys})
     try:
-        new, new_meta = generate(spec, ckpt, inputs(""), inputs(STEP2_PREFIX), sites)
+        step2 = inputs(STEP2_PREFIX) if STEP2_PREFIX + "input_ids" in stored else None
+        new, new_meta = generate(spec, ckpt, inputs(""), step2, sites)
     except ParityError as e:
         raise ParityError(f"{path}: cannot regenerate ({e})") from None
     if spec.impl == "fast" and new_meta.get("jit_fused", "") != meta.get("jit_fused", ""):
@@ -717,8 +730,8 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     bad = [d for d in diffs if bound.exceeded(d)]
     lib = DRIFT_LIB[spec.impl]
     was, now = meta.get(lib, ""), LIB_VERSION[lib]()
-    res = FileResult(rel, "pass", "", spec, diffs,
-                     drift=f"{lib} {now} (golden made with {lib} {was or '?'})" if was != now else "")
+    drift = f"{lib} {now} (golden made with {lib} {was or '?'})" if was != now else ""
+    res = FileResult(rel, "pass", "", spec, diffs, drift=drift)
     if bad:
         first = bad[0]
         more = f"; {len(bad) - 1} more site(s) diverge: " + ", ".join(
@@ -859,6 +872,32 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
                 row.update(status="fail", reason=f"max rel error {row['rel']:.3g} > {tol:g} "
                                                  f"({tol_name})")
     return rows
+
+
+def summarize_foreign(rows: list[dict]) -> dict:
+    """One verdict for a foreign golden (what `parity gate --golden` reports): `fail` if any
+    site fails (or none could be compared), else `pass`; `detail` names the worst site and its
+    error; `figures` holds the numbers."""
+    compared = [r for r in rows if r["status"] != "skip"]
+    failed = [r for r in compared if r["status"] == "fail"]
+    if not compared:
+        return {"verdict": "fail", "detail": "no site of the golden could be compared",
+                "figures": {"sites": 0}}
+    worst = max(compared, key=lambda r: (r["rel"] if not math.isnan(r["rel"]) else math.inf))
+    tol = f"{compared[0]['tolerance_name']} = {compared[0]['tolerance']:g}"
+    logits = [r["rel"] for r in compared if r["site"] == "logits"]
+    figures = {"sites": len(compared), "failed": len(failed), "max_rel": worst["rel"],
+               "worst_site": worst["site"], "logits_rel": logits[0] if logits else math.nan,
+               "tolerance_name": compared[0]["tolerance_name"],
+               "tolerance": compared[0]["tolerance"], "skipped": len(rows) - len(compared)}
+    if failed:
+        f = failed[0]
+        more = f" (and {len(failed) - 1} more sites)" if len(failed) > 1 else ""
+        detail = f"{f['site']}: {f['reason']}{more}"
+    else:
+        detail = (f"{len(compared)} sites within {tol} of the float64 reference; worst "
+                  f"{worst['site']} max rel {worst['rel']:.3g}")
+    return {"verdict": "fail" if failed else "pass", "detail": detail, "figures": figures}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -93,22 +93,29 @@ def tensor_rng(seed: int, name: str) -> np.random.Generator:
 CONV1D_FAMILIES = ("openai-gpt", "gpt2", "gptmeg")  # weights stored [in, out]
 
 
-def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int,
+                dtype=np.float64) -> np.ndarray:
     """Random values by the role of the tensor: LayerNorm gains near 1 (not 1), small non-zero
     biases, weights ~ N(0, 1/fan_in), embeddings of unit-ish scale."""
     rng = tensor_rng(seed, name)
     leaf = name.rsplit(".", 1)[-1]
+
+    def normal():  # float32 draws for full-width checkpoints: half the memory, twice the speed
+        return rng.standard_normal(shape, dtype=dtype)
+
     if ".ln_" in name or name.startswith("ln_f"):
         if leaf == "weight":
-            return 1.0 + 0.2 * rng.standard_normal(shape)
-        return 0.1 * rng.standard_normal(shape)
+            return 1.0 + 0.2 * normal()
+        return 0.1 * normal()
     if leaf == "bias":
-        return 0.1 * rng.standard_normal(shape)
+        return 0.1 * normal()
     if name.endswith("embed.weight") or name in ("wte.weight", "wpe.weight"):
-        return 0.5 * rng.standard_normal(shape)
+        return 0.5 * normal()
     # Conv1D is [in, out], nn.Linear [out, in]; scale by the input width either way
     fan_in = shape[0] if family in CONV1D_FAMILIES else shape[-1]
-    return rng.standard_normal(shape) / np.sqrt(fan_in)
+    a = normal()
+    a /= np.sqrt(fan_in, dtype=a.dtype)
+    return a
 
 
 def stress_tensor(family: str, name: str, a: np.ndarray, cfg, seed: int) -> np.ndarray:
@@ -167,7 +174,8 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
         tensors = {}
         for name in names:
             key = name if name.startswith("lm_head") else "transformer." + name
-            a = init_tensor(family, name, shapes[name], seed)
+            a = init_tensor(family, name, shapes[name], seed,
+                            np.float32 if preset == "full-width" else np.float64)
             if preset == "stress":
                 a = stress_tensor(family, name, a, cfg, seed)
             tensors[key] = torch.from_numpy(a).to(tdt)

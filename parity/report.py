@@ -345,9 +345,14 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     return blocks + _run_blocks(run)
 
 
+VOLATILE_RUN_KEYS = ("created", "wall_time_s")  # in run.json only: documents stay reproducible
+
+
 def _run_blocks(run: dict) -> list:
-    return [("h2", "Run"), ("table", DocTable(("key", "value"), tuple(
-        (Cell(k), Cell(v)) for k, v in _flatten(run))))]
+    stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
+    return [("h2", "Run"), ("p", "Timing and creation time are in run.json."),
+            ("table", DocTable(("key", "value"), tuple(
+                (Cell(k), Cell(v)) for k, v in _flatten(stable))))]
 
 
 CHECK_VERDICTS = ("pass", "warn", "fail", "skip")

@@ -5,8 +5,7 @@ overflow), flipping one that does not leaves the logit error where it was. On th
 the `meg` and `hf` recipes differ in three precision knobs, and only the gelu moves a single
 bit: the score scale of a 16-wide head is 1/4, a power of two, so scaling inside the GEMM
 (baddbmm) or after it (matmul) rounds the same; and a half-precision LayerNorm computes in fp32
-and rounds once whether or not the model upcasts around it (`Numerics.layer_norm` in
-parity/fast.py).
+and rounds once whether or not the model upcasts around it (parity/EMULATION.md, LayerNorm).
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from parity.knobs import parse_variant
 from parity.recipes import make_checkpoint
 
 IRRELEVANT = "attribution_irrelevant_share"
+MAIN_CAUSE = "attribution_main_cause_min_share"
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,25 @@ def test_knobs_that_do_not_matter_get_a_share_near_zero(ckpts, family, variant, 
     # a knob the family does not have (rotary off GPT-J) changes nothing at all
     if "rotary" in set(df["knob"]):
         assert by_knob(df)["rotary"].share == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_attribution_at_the_first_divergent_site_names_gptj_rotary(ckpts, dtype):
+    """GPT-J stress: HF rotates q and k in the half dtype with a half sin/cos table; the
+    huge aligned q.k of the stress head turns that rounding into wrong attention weights in
+    layer 1, which `compare` pins in local mode. Measured there (local mode, so that only
+    the layer that makes the error counts), rotary=fp32 removes most of it, nothing else does."""
+    ck, inp = ckpts("gptj", "stress")
+    f = first_divergent(compare(ck, inp, [Subject("hf", dtype)], label="stress",
+                                modes=("local",)), "local")
+    site = f["site"].iloc[0]
+    assert site.endswith(".attn.probs")
+    df = knob_attribution(ck, inp, "hf", dtype, label="stress", site=site, mode="local")
+    assert set(df["site"]) == {site}
+    rows = by_knob(df)
+    assert rows["rotary"].share > B.tolerance(MAIN_CAUSE), rows["rotary"]
+    others = df[df["knob"] != "rotary"]
+    assert len(others) and (others["share"].abs() <= B.tolerance(IRRELEVANT)).all(), others
 
 
 def test_flips_are_the_precise_choices_the_subject_lacks(ckpts):

@@ -105,9 +105,14 @@ def test_planted_bug_is_flagged_at_its_layer(ckpts, cls, family, dtype, sites):
     assert v == "fail"
     acc = first(df, "accumulated")
     assert acc is not None and acc[1] is not pd.NA and acc[1] >= PLANTED, acc
-    # and the healthy layers before it pass in both modes
+    # the healthy layers before it pass in both modes; in local mode the ones after it pass too
+    # (each is fed the reference's input: the error is not inherited)
     early = df[df["layer"].notna() & (df["layer"] < PLANTED)]
     assert set(early["verdict"]) == {"pass"}
+    local = df[df["mode"] == "local"]
+    late = local[local["layer"].isna() | (local["layer"] > PLANTED)]
+    late = late[late["site"] != "embed"]
+    assert set(late["verdict"]) == {"pass"}, late[late["verdict"] != "pass"][["site", "reason"]]
 
 
 def test_missing_upcast_on_gpt_neo_stress_is_flagged_at_its_layer(ckpts):
@@ -173,6 +178,9 @@ def metrics(**kw):
     (metrics(floor_ratio=8.5), "blocks.0.ln_1", "fail"),
     (metrics(nonfinite=3), "blocks.0.ln_1", "fail"),
     (metrics(nonfinite=3, ref_max_abs=7e4), "blocks.0.attn.scores", "overflow"),
+    # fp16's overflow threshold is 65520 (max 65504 plus half an ulp of 32, ties to even)
+    (metrics(nonfinite=3, ref_max_abs=65520.0), "blocks.0.attn.scores", "overflow"),
+    (metrics(ref_max_abs=65519.0), "blocks.0.attn.scores", "pass"),   # rounds to 65504: held
     (metrics(top1=0.5, kl=0.0), "logits", "fail"),
     (metrics(top1=1.0, kl=1e-2), "logits", "fail"),
     (metrics(top1=1.0, kl=1e-4), "logits", "pass"),

@@ -48,7 +48,8 @@ def gdir(made, tmp_path) -> Path:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {p.relative_to(d).as_posix(): p.read_bytes()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def manifest(d: Path) -> dict:
@@ -175,7 +176,9 @@ def test_changed_fast_path_fails_only_the_goldens_it_touches(gdir, monkeypatch):
                       "gpt2/fast-hf-bfloat16-cpu-emulated.safetensors"}
     for r in results:
         if r.status == "fail":
-            assert r.message.startswith(f"FAIL {r.path}: site ") and "ULP of" in r.message
+            # the first site the changed gelu reaches, in execution order
+            assert r.message.startswith(f"FAIL {r.path}: site blocks.0.resid_post max rel ")
+            assert "ULP of" in r.message
             assert "golden_fast_ulp" in r.message
 
 
@@ -206,6 +209,15 @@ def test_flipped_byte_is_reported_as_a_checksum_error(gdir, capsys):
     rc, out, err = run_cli(capsys, "check", "--dir", gdir)
     assert rc == 2 and "PASS" not in out
     assert_one_error_line(err, str(p), "sha256", "corrupted")
+
+
+def test_update_repairs_a_corrupted_golden(gdir):
+    p = gdir / REF
+    b = bytearray(p.read_bytes())
+    b[-1] ^= 0x01
+    p.write_bytes(bytes(b))
+    assert goldens.update(gdir, families=["gptmeg"], reason="repair", log=lambda *_: None) == [REF]
+    assert all(r.status == "pass" for r in goldens.check(gdir))
 
 
 @pytest.mark.parametrize("stale", ["missing file", "extra file", "sha256 edited", "no manifest",
@@ -398,7 +410,12 @@ def test_foreign_float32_golden_passes_and_a_planted_change_fails(tiny_checkpoin
     bad = foreign_golden(tmp_path / "bad.safetensors", ck, plant=1e-4)
     rows = {r["site"]: r for r in goldens.check_foreign_golden(bad, ck)}
     assert rows["blocks.1.resid_post"]["status"] == "pass"
-    assert rows["logits"]["status"] == "fail" and rows["logits"]["rel"] > tolerance("golden_float32")
+    assert rows["logits"]["status"] == "fail"
+    assert rows["logits"]["rel"] > tolerance("golden_float32")
+    verdict = goldens.summarize_foreign(list(rows.values()))
+    assert verdict["verdict"] == "fail" and verdict["detail"].startswith("logits: max rel error")
+    assert verdict["figures"]["worst_site"] == "logits" and verdict["figures"]["failed"] == 1
+    assert goldens.summarize_foreign(goldens.check_foreign_golden(good, ck))["verdict"] == "pass"
     assert run_cli(capsys, "check", "--file", good, "--checkpoint", ck)[0] == 0
     rc, out, _ = run_cli(capsys, "check", "--file", bad, "--checkpoint", ck)
     assert rc == 1 and "FAIL" in out and "logits" in out

@@ -1,0 +1,82 @@
+"""Peak RSS and wall time of `parity gate` on GPT-J-shaped checkpoints of real width, against
+transformers' from_pretrained on the same files (issue 6).
+
+    python benchmarks/bench_gate.py [--layers 2 4 28] [--dir /tmp/parity-bench] [--no-hf]
+
+Checkpoints are made with `parity checkpoint make --family gptj --preset full-width --layers N`
+(fp16, 4096 wide, 16 heads, rotary 64, vocab 50400; 28 layers is GPT-J-6B's shape, ~12 GB) and
+reused if present. Each measurement runs in its own process; peak RSS is the child's
+ru_maxrss. Goals: gate peak RSS <= 3 GB at every depth (4 layers within 10% of 2 layers), the
+28-layer gate within 10 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HF_LOAD = """
+import sys, torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
+                                                      local_files_only=True)
+print(sum(p.numel() for p in m.parameters()))
+"""
+
+
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS GB of the child, exit code)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if p.returncode not in (0, 1):
+        print(p.stderr[-2000:], file=sys.stderr)
+    # ru_maxrss of RUSAGE_CHILDREN is the max over all children so far: run the big ones last
+    return wall, max(peak, before) / 1024**2, p.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 28])
+    ap.add_argument("--dir", default="/tmp/parity-bench")
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args()
+    root = Path(a.dir)
+    parity = [sys.executable, "-m", "parity"]
+    rows = []
+    for n in sorted(a.layers):
+        ck = root / f"gptj-{n}"
+        if not (ck / "config.json").is_file():
+            subprocess.run(parity + ["checkpoint", "make", "--family", "gptj", "--preset",
+                                     "full-width", "--layers", str(n), "--out", str(ck)],
+                           check=True)
+        size = sum(f.stat().st_size for f in ck.iterdir()) / 1024**3
+        wall, rss, rc = measure(parity + ["gate", str(ck), "--report", str(root / f"gate-{n}"),
+                                          "--device", "cpu"])
+        rows.append((f"parity gate (fast hf fp16, emulated)", n, size, wall, rss, rc))
+        print(rows[-1], flush=True)
+        if not a.no_hf:
+            for dt in ("float16", "float32"):
+                if dt == "float32" and n > 4:
+                    rows.append((f"transformers from_pretrained {dt}", n, size, None, None,
+                                 "skipped: ~24 GB for 6B params, does not fit in 24 GB"))
+                    continue
+                wall, rss, rc = measure([sys.executable, "-c", HF_LOAD, str(ck), dt])
+                rows.append((f"transformers from_pretrained {dt}", n, size, wall, rss, rc))
+                print(rows[-1], flush=True)
+    print()
+    print(f"{'what':42s} {'layers':>6s} {'disk GB':>8s} {'wall s':>8s} {'peak RSS GB':>12s}  exit")
+    for what, n, size, wall, rss, rc in rows:
+        w = f"{wall:8.1f}" if wall is not None else "       -"
+        r = f"{rss:12.2f}" if rss is not None else "           -"
+        print(f"{what:42s} {n:6d} {size:8.2f} {w} {r}  {rc}")
+    print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
