@@ -164,14 +164,15 @@ def cmd_gate(a) -> int:
     dtype = normalize_dtype(a.dtype)
     out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
     _check_writable(out)
+    if a.junit:  # before the run: an unwritable JUnit path must not follow a PASS report
+        _check_writable(Path(a.junit).parent)
     with console.status("parity gate: starting") as status:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
                           progress=lambda msg: status.update(f"parity gate: {msg}"))
     from .run_report import environment
 
-    run = {"command": "parity gate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else
-           "parity gate", "verdict": result.verdict, "checks": [c.as_dict() for c in
+    run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict, "checks": [c.as_dict() for c in
                                                                  result.checks],
            "subject": {k: str(v) for k, v in result.meta.items()},
            "environment": environment(device)}
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         a = build_parser().parse_args(argv)
+        a.argv = list(argv)
         if not a.command:
             raise ParityError("parity: no command given (try parity --help)")
         return COMMANDS[a.command](a)

@@ -104,6 +104,9 @@ def graph_is_fused(graph) -> bool:
     return any(k in text for k in FUSION_NODES)
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 24  # LM-head weight elements converted at once (bounded memory)
+
+
 # ----------------------------------------------------------------------------- numerics
 class Numerics:
     """Where results get rounded; see the module docstring and EMULATION.md."""
@@ -508,11 +511,20 @@ class FastModel:
         return self.num.linear(x, w if self.layout.conv1d else w.t(),
                                self.w(prefix + ".bias") if bias else None)
 
+    def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup. Without the weight cache (the gate's bounded-memory mode) only the
+        rows the ids use are read from the checkpoint; the values are the same."""
+        if self.cache_weights or name in self._w:
+            return F.embedding(ids, self.w(name))
+        uniq, inv = torch.unique(ids.cpu(), return_inverse=True)
+        rows = self.num.tensor(self.ckpt.rows(name, uniq.numpy()))
+        return F.embedding(inv.to(self.num.device), rows)
+
     def embed(self, ctx: FastContext, ids=None) -> torch.Tensor:
         ids = ctx.ids if ids is None else torch.as_tensor(np.asarray(ids), device=ctx.ids.device)
-        h = F.embedding(ids, self.w(self.layout.tok + ".weight"))
+        h = self.lookup(self.layout.tok + ".weight", ids)
         if self.layout.pos is not None:
-            h = self.num.r(h + F.embedding(ctx.position_ids, self.w(self.layout.pos + ".weight")))
+            h = self.num.r(h + self.lookup(self.layout.pos + ".weight", ctx.position_ids))
         return ctx.site("embed", h)
 
     def _stream(self, h) -> torch.Tensor:
@@ -678,9 +690,18 @@ class FastModel:
         if self.layout.ln_f:
             h = ctx.site("ln_f", self.layer_norm(h, "ln_f"))
         tied = self.cfg.tie_word_embeddings
-        w = self.w(self.layout.tok + ".weight" if tied else "lm_head.weight")
+        name = self.layout.tok + ".weight" if tied else "lm_head.weight"
         bias = self.w("lm_head.bias") if self._has("lm_head.bias") else None
-        ctx.logits = ctx.site("logits", self.num.linear(h, w.t(), bias))
+        if self.cache_weights or name in self._w:
+            logits = self.num.linear(h, self.w(name).t(), bias)
+        else:  # bounded memory: the vocabulary in chunks, each output element computed alike
+            stored = self.ckpt.tensor(name)
+            step = max(1, HEAD_CHUNK_ELEMENTS // stored.shape[1])
+            logits = torch.cat([
+                self.num.linear(h, self.num.tensor(stored[a:a + step]).t(),
+                                None if bias is None else bias[a:a + step])
+                for a in range(0, stored.shape[0], step)], dim=-1)
+        ctx.logits = ctx.site("logits", logits)
         return ctx.logits
 
     def finish(self, ctx: FastContext) -> Trace:

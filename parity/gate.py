@@ -167,12 +167,12 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
 
         model = FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
                           emulate=subject.emulate, cache_weights=False)
-        df, _, _ = lockstep(ckpt, inputs, model, policy=policy, label=ckpt.path.name,
-                            variant=subject.variant,
+        df, kept = lockstep(ckpt, inputs, model, policy=policy, label=ckpt.path.name,
+                            variant=subject.variant, keep=_determinism_site,
                             progress=(lambda i: progress(f"subject: layer {i + 1}/"
                                                          f"{ckpt.config.n_layer}"))
                             if progress else None)
-        meta = model.meta()
+        meta = dict(model.meta(), first_run=kept)
     else:
         from .compare import make_records, to_frame
         from .subjects import run
@@ -202,7 +202,9 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
                "nonfinite": int(df["nonfinite"].sum()),
                "min_headroom": _f(df["headroom"].min()), "sites_compared": int(len(df)),
                "sites_over_budget": int((df["verdict"].isin(["fail", "overflow"])).sum())}
-    detail = (f"{impl} {subject.variant} {subject.dtype} on {subject.device}: "
+    what = (f"fast {subject.variant}" if impl == "fast" else
+            f"transformers ({meta.get('attn_implementation', 'eager')})")
+    detail = (f"{what} {subject.dtype} on {subject.device}: "
               + ("every site within budget" if first is None else
                  f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "
                  f"{first['reason']})"))
@@ -210,10 +212,21 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
     return Check("subject", verdict, detail, figures), df, meta
 
 
-def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: str) -> Check:
-    """Two subject runs, block outputs and logits compared bitwise. The fast path reads its
-    weights layer by layer again (no cache), so memory stays flat here too."""
-    sites = "embed,blocks.*.resid_post,blocks.*.ln_2,logits"
+DETERMINISM_SITES = "embed,blocks.*.resid_post,blocks.*.ln_2,logits"
+
+
+def _determinism_site(site: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(site, p) for p in DETERMINISM_SITES.split(","))
+
+
+def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: str,
+                      first: dict | None = None) -> Check:
+    """Two subject runs, block outputs and logits compared bitwise (`first`: the sites kept from
+    the subject check's own run, so only one more run is made). The fast path reads its weights
+    layer by layer again (no cache), so memory stays flat here too."""
+    sites = DETERMINISM_SITES
     if impl == "fast":
         from .fast import FastModel
 
@@ -228,8 +241,12 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
             return run(impl, ckpt, inputs, variant=None, dtype=subject.dtype,
                        device=subject.device, sites=sites)
     a = once()
-    b = once()
-    diff = [s for s in a.sites if not np.array_equal(a.sites[s], b.sites[s], equal_nan=True)]
+    if first:
+        b, a = a, type(a)(family=a.family, sites=first)
+    else:
+        b = once()
+    diff = [s for s in a.sites if s not in b.sites
+            or not np.array_equal(a.sites[s], b.sites[s], equal_nan=True)]
     if diff:
         return Check("determinism", "fail", f"two runs differ at {len(diff)} sites, first "
                      f"{diff[0]}", {"sites_checked": len(a.sites), "sites_differing": len(diff)})
@@ -310,7 +327,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
         checks.append(c)
         if progress:
             progress("determinism")
-        checks.append(determinism_check(ckpt, inputs, subject, impl))
+        checks.append(determinism_check(ckpt, inputs, subject, impl, meta.pop("first_run", None)))
     meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
                 impl=impl, variant=variant, dtype=dtype, device=device,
                 prompts=prompts or "built-in batch (2 x 16 tokens, one left-padded)",
