@@ -68,6 +68,9 @@ class Checkpoint:
     entries: dict[str, Entry]
     ignored: list[str] = field(default_factory=list)
     fmt: str = "safetensors"
+    # keep safetensors files open (fast for many small reads). The gate turns this off: an open
+    # memory map keeps every page it has served resident, so RSS would grow with depth.
+    keep_open: bool = True
     _handles: dict = field(default_factory=dict, repr=False)
     _bin: dict = field(default_factory=dict, repr=False)
 
@@ -80,7 +83,11 @@ class Checkpoint:
         e = self._entry(name)
         try:
             if self.fmt == "safetensors":
-                return self._handle(e.file).get_tensor(e.key)
+                t = self._handle(e.file).get_tensor(e.key)
+                if not self.keep_open:
+                    t = t.clone()  # own memory, so the map can go
+                    self._handles.clear()
+                return t
             return self._bin_state(e.file)[e.key]
         except CheckpointError:
             raise
@@ -127,6 +134,8 @@ class Checkpoint:
         from safetensors import safe_open
 
         if file not in self._handles:
+            if not self.keep_open:
+                self._handles.clear()  # drop the previous map (one file open at a time)
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 

@@ -304,6 +304,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     if impl not in ("fast", "hf"):
         raise ParityError(f"--impl must be fast or hf for the gate, got {impl!r}")
     ckpt = open_checkpoint(ckpt_dir)
+    ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
     inputs = (load_prompts(prompts, ckpt) if prompts
               else default_batch(ckpt.config, min(16, ckpt.config.n_positions), seed=0))
