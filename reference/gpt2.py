@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from . import ops
-from .model import Context
+from .model import Context, pre_ln_block
 
 
 def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -60,11 +60,8 @@ def mlp(ctx: Context, i: int, x):
 
 
 def block(ctx: Context, i: int, h):
-    s, p = f"blocks.{i}.", f"h.{i}."
-    a = attention(ctx, i, ctx.site(s + "ln_1", ctx.layer_norm(h, p + "ln_1")))
-    h = ctx.site(s + "resid_mid", h + a)
-    m = mlp(ctx, i, ctx.site(s + "ln_2", ctx.layer_norm(h, p + "ln_2")))
-    return ctx.site(s + "resid_post", h + m)
+    """h <- h + Attn(LN1 h); h <- h + MLP(LN2 h)."""
+    return pre_ln_block(ctx, i, h, attention, mlp)
 
 
 def head(ctx: Context, h):

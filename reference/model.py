@@ -119,6 +119,16 @@ class Context:
         return context
 
 
+def pre_ln_block(ctx: Context, i: int, h, attention, mlp):
+    """The pre-LN sequential block of GPT-2, GPTMeg and GPT-Neo (their attention and MLP differ):
+    h <- h + Attn(LN1 h); h <- h + MLP(LN2 h)."""
+    s, p = f"blocks.{i}.", f"h.{i}."
+    a = attention(ctx, i, ctx.site(s + "ln_1", ctx.layer_norm(h, p + "ln_1")))
+    h = ctx.site(s + "resid_mid", h + a)
+    m = mlp(ctx, i, ctx.site(s + "ln_2", ctx.layer_norm(h, p + "ln_2")))
+    return ctx.site(s + "resid_post", h + m)
+
+
 def make_context(
     cfg: ModelConfig,
     weights: Mapping,
