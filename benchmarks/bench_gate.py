@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,16 +27,15 @@ print(sum(p.numel() for p in m.parameters()))
 
 
 def measure(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS GB of the child, exit code)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(wall seconds, peak RSS GB of that child alone (wait4's rusage), exit code)."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if p.returncode not in (0, 1):
-        print(p.stderr[-2000:], file=sys.stderr)
-    # ru_maxrss of RUSAGE_CHILDREN is the max over all children so far: run the big ones last
-    return wall, max(peak, before) / 1024**2, p.returncode
+    rc = os.waitstatus_to_exitcode(status)
+    if rc not in (0, 1):
+        print(p.stderr.read()[-2000:], file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024**2, rc
 
 
 def main() -> None:
