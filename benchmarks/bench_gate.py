@@ -22,6 +22,9 @@ HF_LOAD = """
 import sys, torch, transformers
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
                                                       local_files_only=True)
+if sys.argv[3] == "forward":  # touch every weight, as any use of the model does
+    with torch.no_grad():
+        m(input_ids=torch.arange(32).reshape(2, 16))
 print(sum(p.numel() for p in m.parameters()))
 """
 
@@ -60,19 +63,22 @@ def main() -> None:
         print(rows[-1], flush=True)
         if not a.no_hf:
             for dt in ("float16", "float32"):
-                if dt == "float32" and n > 4:
-                    rows.append((f"transformers from_pretrained {dt}", n, size, None, None,
-                                 "skipped: ~24 GB for 6B params, does not fit in 24 GB"))
-                    continue
-                wall, rss, rc = measure([sys.executable, "-c", HF_LOAD, str(ck), dt])
-                rows.append((f"transformers from_pretrained {dt}", n, size, wall, rss, rc))
-                print(rows[-1], flush=True)
+                for what in ("load", "forward"):
+                    label = f"transformers {dt} from_pretrained" + (
+                        " + forward" if what == "forward" else " (mmap, untouched)")
+                    if dt == "float32" and n > 4:
+                        rows.append((label, n, size, None, None,
+                                     "skipped: 6B params in fp32 are 24 GB, more than the machine"))
+                        continue
+                    wall, rss, rc = measure([sys.executable, "-c", HF_LOAD, str(ck), dt, what])
+                    rows.append((label, n, size, wall, rss, rc))
+                    print(rows[-1], flush=True)
     print()
-    print(f"{'what':42s} {'layers':>6s} {'disk GB':>8s} {'wall s':>8s} {'peak RSS GB':>12s}  exit")
+    print(f"{'what':52s} {'layers':>6s} {'disk GB':>8s} {'wall s':>8s} {'peak RSS GB':>12s}  exit")
     for what, n, size, wall, rss, rc in rows:
         w = f"{wall:8.1f}" if wall is not None else "       -"
         r = f"{rss:12.2f}" if rss is not None else "           -"
-        print(f"{what:42s} {n:6d} {size:8.2f} {w} {r}  {rc}")
+        print(f"{what:52s} {n:6d} {size:8.2f} {w} {r}  {rc}")
     print(f"\nmachine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
 
 
