@@ -254,3 +254,52 @@ def overall(df: pd.DataFrame) -> str:
         if k in v:
             return k
     return "pass"
+
+
+# ----------------------------------------------------------------------------- notebook entry
+def run(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",), device: str = "cpu",
+        emulate=None, modes=MODES, policy: str | dict | None = None,
+        label: str | None = None) -> pd.DataFrame:
+    """`parity.compare(...)`: the long-format DataFrame for a checkpoint, from a notebook.
+
+        import parity
+        df = parity.compare("path/to/ckpt", variants=["hf", "meg"], dtypes=["fp16", "bf16"])
+        df[(df["mode"] == "local") & (df["verdict"] != "pass")]
+
+    `checkpoint`: a directory or an open Checkpoint; `inputs`: an Inputs, an int array of ids
+    (B, T), or None for the built-in deterministic batch; `policy`: a budgets TOML path or a
+    loaded policy."""
+    import numpy as _np
+
+    from .checkpoint import load_checkpoint
+    from .inputs import default_batch, validate_inputs
+    from .subjects import normalize_dtype
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if inputs is None:
+        inputs = default_batch(ckpt.config, min(16, ckpt.config.n_positions))
+    elif not isinstance(inputs, Inputs):
+        inputs = Inputs(_np.atleast_2d(_np.asarray(inputs, dtype=_np.int64)))
+    validate_inputs(inputs, ckpt.config, "inputs")
+    if isinstance(variants, str):
+        variants = [variants]
+    if isinstance(dtypes, str):
+        dtypes = [dtypes]
+    subjects = [Subject(v, normalize_dtype(d), device, emulate) for v in variants for d in dtypes]
+    if not isinstance(policy, dict):
+        policy = B.load_policy(policy)
+    return compare(ckpt, inputs, subjects, label=label or ckpt.path.name, modes=modes,
+                   policy=policy)
+
+
+class _CallableModule(type(B)):
+    """Makes `parity.compare(...)` (the DESIGN's comparison API) callable while the module keeps
+    its functions (`from parity.compare import compare, COLUMNS, ...`)."""
+
+    def __call__(self, *args, **kwargs) -> pd.DataFrame:
+        return run(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
