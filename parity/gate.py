@@ -306,12 +306,16 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     ckpt = open_checkpoint(ckpt_dir)
     ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
+    from . import tokenizer_check
+
+    checks.append(Check("tokenizer", **tokenizer_check.gate_check(
+        ckpt.path, tokenizer_check.prompt_texts(prompts))))
     inputs = (load_prompts(prompts, ckpt) if prompts
               else default_batch(ckpt.config, min(16, ckpt.config.n_positions), seed=0))
     for g in goldens:
         if progress:
             progress(f"golden {g}")
-        if checks[0].verdict == "fail":  # the reference cannot run on non-finite weights
+        if checks[0].verdict == "fail":  # structure  # the reference cannot run on non-finite weights
             read_golden(g)  # a bad golden is still bad input
             checks.append(Check(f"golden:{Path(g).name}", "skip",
                                 "not run: the structure check failed"))
@@ -320,7 +324,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl)
     div = pd.DataFrame()
     meta = {}
-    if checks[0].verdict == "fail":
+    if checks[0].verdict == "fail":  # structure
         checks.append(Check("subject", "skip", "not run: the structure check failed"))
         checks.append(Check("determinism", "skip", "not run: the structure check failed"))
     else:

@@ -88,24 +88,23 @@ def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
 
 
 def load_tokenizer(ckpt_dir: Path):
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
+    """The checkpoint's tokenizer as transformers builds it: tokenizer.json as is, or
+    vocab.json + merges.txt (GPT-2's byte-level BPE with <|endoftext|>, or OpenAI GPT's
+    lower-cased </w> BPE) plus added_tokens.json (GPT-J's <|extratoken_N|>)."""
+    from .tokenizer_check import build_tokenizer
 
+    ckpt_dir = Path(ckpt_dir)
+    has_files = (ckpt_dir / "tokenizer.json").is_file() or (
+        (ckpt_dir / "vocab.json").is_file() and (ckpt_dir / "merges.txt").is_file())
+    if not has_files:
+        raise ParityError(f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json + "
+                          "merges.txt) for --text")
     try:
-        if (ckpt_dir / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
-        if (ckpt_dir / "vocab.json").is_file() and (ckpt_dir / "merges.txt").is_file():
-            from tokenizers import decoders, pre_tokenizers
-
-            tok = Tokenizer(BPE.from_file(str(ckpt_dir / "vocab.json"),
-                                          str(ckpt_dir / "merges.txt")))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            return tok
+        return build_tokenizer(ckpt_dir)
+    except ParityError:
+        raise
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ParityError(f"{ckpt_dir}: tokenizer files unreadable ({e})") from None
-    raise ParityError(
-        f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt) for --text")
 
 
 def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 0) -> None:
