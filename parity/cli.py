@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .goldens import add_parser as add_golden_parser
 
     add_golden_parser(sub)
+    from .detection import add_parser as add_detection_parser
+    from .search import add_parser as add_search_parser
+
+    add_search_parser(sub)
+    add_detection_parser(sub)
 
     c = sub.add_parser("checkpoint", help="checkpoint utilities")
     csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
@@ -240,8 +245,20 @@ def cmd_golden(a) -> int:
     return run(a)
 
 
+def cmd_search(a) -> int:
+    from .search import cmd_search as run
+
+    return run(a)
+
+
+def cmd_detection(a) -> int:
+    from .detection import cmd_detection as run
+
+    return run(a)
+
+
 COMMANDS = {"trace": cmd_trace, "report": cmd_report, "gate": cmd_gate, "golden": cmd_golden,
-            "checkpoint": cmd_checkpoint}
+            "search": cmd_search, "detection": cmd_detection, "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,10 @@ from .checkpoint import Checkpoint
 from .inputs import Inputs
 
 MODES = ("accumulated", "local")
+# A logit row counts for top-1 agreement when the reference's top-1 margin exceeds this many
+# times the error a subject at the fail budget may make (floor_ratio_fail x the floor's error):
+# 2 leaves room for the floor's error and the subject's on both of the two leading logits.
+DECISIVE_MARGIN = 2.0
 COLUMNS = ["family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site",
            "layer", "kind", "site_dtype", "max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
            "floor_rel_l2", "floor_ratio", "nonfinite", "headroom", "ref_max_abs", "top1", "kl",
@@ -116,7 +120,7 @@ def forward_local(model, inputs: Inputs, streams: list[np.ndarray]) -> reference
 
 
 # ----------------------------------------------------------------------------- rows and verdicts
-def site_row(site, sub, ref, flo, rows, site_dtype, dtype) -> dict:
+def site_row(site, sub, ref, flo, rows, site_dtype, dtype, margin_factor=None) -> dict:
     valid = M.valid_mask(site, ref, rows)
     m = M.site_metrics(sub, ref, site_dtype, valid)
     if flo is not None:
@@ -127,7 +131,9 @@ def site_row(site, sub, ref, flo, rows, site_dtype, dtype) -> dict:
         m["floor_rel_l2"] = math.nan
         m["floor_ratio"] = math.nan
     if site == "logits":
-        m.update(M.logit_metrics(sub, ref, rows))
+        lm = M.logit_metrics(sub, ref, rows, floor=flo, margin_factor=margin_factor)
+        lm.pop("top1_rows")
+        m.update(lm)
     else:
         m.update(top1=math.nan, kl=math.nan)
     return m
@@ -178,10 +184,12 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
         if site not in sub_sites:
             continue
         sdt = dtypes.get(site, dtype)
-        m = site_row(site, sub_sites[site], r, None if floor_sites is None else
-                     floor_sites.get(site), rows, sdt, dtype)
         budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
                               mode=mode, checkpoint=label)
+        # top-1 counts the rows a subject within budget cannot flip (DECISIVE_MARGIN)
+        m = site_row(site, sub_sites[site], r, None if floor_sites is None else
+                     floor_sites.get(site), rows, sdt, dtype,
+                     margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail)
         v, why = verdict(m, budget, site, sdt, dtype)
         out.append(dict(
             family=family, checkpoint=label, variant=variant, dtype=subject_dtype, device=device,

@@ -116,21 +116,41 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None) -> dict:
-    """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T)."""
+def decisive_rows(r: np.ndarray, floor: np.ndarray, factor: float) -> np.ndarray:
+    """Rows whose top-1 the dtype can decide: the reference's top-1 margin exceeds `factor` x
+    the rounding floor's largest logit error in that row. On near-tied logits the floor itself
+    flips the top-1, so an absolute top-1 limit there is a false alarm, not a finding."""
+    top = np.argmax(r, axis=-1)
+    second = np.sort(r, axis=-1)[:, -2] if r.shape[-1] > 1 else np.full(len(r), -np.inf)
+    margin = r[np.arange(len(r)), top] - second
+    err = np.abs(np.where(np.isfinite(floor), floor, np.inf) - r).max(axis=-1)
+    return margin > factor * err
+
+
+def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None,
+                  floor: np.ndarray | None = None, margin_factor: float | None = None) -> dict:
+    """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T).
+
+    With the floor's logits and a margin factor, top-1 counts only the decisive rows (see
+    `decisive_rows`; no decisive row gives 1.0); `top1_rows` says how many rows counted."""
     y = np.asarray(y, np.float64).reshape(-1, r.shape[-1])
     r = np.asarray(r, np.float64).reshape(-1, r.shape[-1])
+    f = None if floor is None else np.asarray(floor, np.float64).reshape(-1, r.shape[-1])
     if rows is not None:
         keep = np.asarray(rows, bool).reshape(-1)
         y, r = y[keep], r[keep]
+        f = None if f is None else f[keep]
     if not r.size:
-        return {"top1": 1.0, "kl": 0.0}
+        return {"top1": 1.0, "kl": 0.0, "top1_rows": 0}
+    counted = (np.ones(len(r), bool) if f is None or margin_factor is None
+               else decisive_rows(r, f, margin_factor))
+    agree = np.argmax(np.nan_to_num(y, nan=-np.inf), -1) == np.argmax(r, -1)
+    top1 = float(np.mean(agree[counted])) if counted.any() else 1.0
     if not np.isfinite(y).all():
-        top1 = float(np.mean(np.argmax(np.nan_to_num(y, nan=-np.inf), -1) == np.argmax(r, -1)))
-        return {"top1": top1, "kl": math.inf}
+        return {"top1": top1, "kl": math.inf, "top1_rows": int(counted.sum())}
     lr, ly = log_softmax(r), log_softmax(y)
     kl = float(np.mean(np.sum(np.exp(lr) * (lr - ly), axis=-1)))
-    return {"top1": float(np.mean(np.argmax(y, -1) == np.argmax(r, -1))), "kl": max(kl, 0.0)}
+    return {"top1": top1, "kl": max(kl, 0.0), "top1_rows": int(counted.sum())}
 
 
 # ----------------------------------------------------------------------------- valid masks

@@ -287,3 +287,16 @@ def texts(added: tuple[str, ...] = (), max_pieces: int = 16) -> st.SearchStrateg
 def vocab_texts(alphabet: str, max_size: int = 40) -> st.SearchStrategy[str]:
     """Text over `alphabet` and single spaces only (every character known to a vocabulary)."""
     return st.text(alphabet=alphabet + " ", max_size=max_size)
+
+
+# ------------------------------------------------------------------------------- subjects
+def subject_specs(min_size: int = 1, max_size: int = 3):
+    """Distinct fast-path subjects: every preset of `parity.knobs.PRESETS` in fp16 and bf16
+    (`fp32` runs in float32 whatever is asked, so it is one subject). Properties that cannot
+    afford all of them per example draw a few; over the examples every one is drawn."""
+    from parity.compare import Subject
+    from parity.knobs import PRESETS
+
+    specs = [Subject(p, d) for p in PRESETS if p != "fp32" for d in ("float16", "bfloat16")]
+    specs.append(Subject("fp32", "float32"))
+    return st.lists(st.sampled_from(specs), min_size=min_size, max_size=max_size, unique=True)

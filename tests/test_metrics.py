@@ -181,7 +181,23 @@ def test_logit_metrics_non_finite_and_empty():
     m = M.logit_metrics(y, r)
     assert m["kl"] == math.inf
     assert m["top1"] == 1.0                          # +inf still points at the right token
-    assert M.logit_metrics(y, r, np.zeros((1, 2), bool)) == {"top1": 1.0, "kl": 0.0}
+    assert M.logit_metrics(y, r, np.zeros((1, 2), bool)) == {"top1": 1.0, "kl": 0.0,
+                                                              "top1_rows": 0}
+
+
+def test_top1_counts_only_rows_the_dtype_can_decide():
+    # row 0: margin 1.0, floor error 0.01 -> decisive; row 1: margin 0.001 -> a near tie that
+    # the floor itself may flip, not counted
+    r = np.array([[[2.0, 1.0, 0.0], [1.0, 0.999, 0.0]]])
+    floor = r + 0.01
+    flipped_tie = np.array([[[2.0, 1.0, 0.0], [0.999, 1.0, 0.0]]])
+    m = M.logit_metrics(flipped_tie, r, floor=floor, margin_factor=16.0)
+    assert (m["top1"], m["top1_rows"]) == (1.0, 1)
+    flipped_decisive = np.array([[[1.0, 2.0, 0.0], [1.0, 0.999, 0.0]]])
+    m = M.logit_metrics(flipped_decisive, r, floor=floor, margin_factor=16.0)
+    assert (m["top1"], m["top1_rows"]) == (0.0, 1)
+    # without a floor every row counts, as before
+    assert M.logit_metrics(flipped_tie, r)["top1"] == 0.5
 
 
 # ----------------------------------------------------------------------------- valid masks

@@ -1,0 +1,177 @@
+"""Detection power: the shipped budgets that pass every healthy preset must catch every planted
+bug of the mutant catalogue (tests/mutants.py), and pin it on the planted layer.
+
+Per mutant x family (fp16): the check the catalogue names (layers / cache / stress) gives the
+mutant a `fail` or `overflow` verdict while the healthy twin (the same `hf` preset, same
+checkpoint, same inputs) passes that check; the first non-pass site in local mode is a site of
+the planted op in the planted layer. In bf16 every mutant is at least flagged there (warn or
+worse): bf16's floor is 8x fp16's, so the smallest bugs (LayerNorm variance, epsilon) land
+between the warn and fail limits, which `parity detection` reports as survivors. The command
+itself is tested at the end on a few entries.
+"""
+from __future__ import annotations
+
+import pytest
+
+import reference
+from parity import consistency as C
+from parity import detection as D
+from parity.checkpoint import load_checkpoint
+from parity.compare import Subject
+from parity.inputs import default_batch
+from parity.recipes import make_checkpoint
+
+from tests import mutants as Mu
+
+BAD = ("fail", "overflow")
+# the bugs issue 7 asks for, by catalogue name
+REQUIRED = ("scale-missing", "scale-twice", "neo-scaled", "softmax-wrong-axis",
+            "causal-mask-off-by-one", "window-off-by-one", "rotate-half", "rotary-wrong-dims",
+            "ln-eps-wrong", "ln-unbiased-variance", "gelu-constant", "missing-upcast",
+            "parallel-made-sequential", "openai-pre-ln", "lm-head-bias-dropped",
+            "cache-forgets-one")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Checkpoints (family, preset) and frames (family, dtype, check, mutant or None), made once."""
+    root, ckpts, frames = tmp_path_factory.mktemp("detection"), {}, {}
+
+    def ckpt(family, preset):
+        if (family, preset) not in ckpts:
+            ckpts[family, preset] = load_checkpoint(
+                make_checkpoint(family, root / f"{family}-{preset}", preset=preset))
+        return ckpts[family, preset]
+
+    def frame(family, dtype, check, spec=None):
+        key = (family, dtype, check, spec and spec.name)
+        if key not in frames:
+            ck = ckpt(family, "stress" if check == "stress" else "tiny")
+            runner = C.RUNNERS["layers" if check == "stress" else check]
+            inp = default_batch(ck.config, D.LENGTH["stress" if check == "stress" else "tiny"])
+            frames[key] = runner(ck, inp, [Subject("hf", dtype)], label=check,
+                                 model_factory=spec and spec.factory(ck.config))
+        return frames[key]
+
+    frame.ckpt = ckpt
+    return frame
+
+
+def test_the_catalogue_holds_the_required_bugs_each_in_one_layer():
+    names = [s.name for s in Mu.CATALOGUE]
+    assert len(names) == len(set(names)) >= 15
+    assert set(REQUIRED) <= set(names)
+    for s in Mu.CATALOGUE:
+        assert issubclass(s.cls, Mu.Mutant) and s.cls is not Mu.Mutant, s.name
+        assert set(s.families) <= set(reference.FAMILIES) and s.families, s.name
+        assert s.check in D.CHECKS, s.name
+    # every family carries bugs, GPT-J and GPT-Neo their own
+    cases = Mu.cases(("float16",))
+    assert {f for _, f, _ in cases} == set(reference.FAMILIES)
+    assert len(cases) >= 40
+
+
+def _id(case):
+    spec, family, dtype = case
+    return f"{spec.name}-{family}-{'fp16' if dtype == 'float16' else 'bf16'}"
+
+
+FP16 = Mu.cases(("float16",))
+BF16 = Mu.cases(("bfloat16",))
+
+
+@pytest.mark.parametrize("case", FP16, ids=[_id(c) for c in FP16])
+def test_every_mutant_is_killed_by_its_check_and_pinned_on_its_layer(bench, case):
+    spec, family, dtype = case
+    healthy = bench(family, dtype, spec.check)
+    assert not healthy["verdict"].isin(BAD).any(), (
+        f"the healthy twin fails check {spec.check}: the check cannot attribute the mutant\n"
+        + healthy[healthy["verdict"].isin(BAD)][["mode", "site", "reason"]].to_string())
+    df = bench(family, dtype, spec.check, spec)
+    assert df["verdict"].isin(BAD).any(), (
+        f"{spec.name} survives check {spec.check} on {family}:\n"
+        + df[df["verdict"] != "pass"][["mode", "site", "verdict", "reason"]].to_string())
+    cfg = bench.ckpt(family, "tiny").config
+    first = C.first_divergent(df, "local")
+    assert len(first) == 1
+    site = first["site"].iloc[0]
+    assert site in spec.expected_sites(cfg), (site, first["reason"].iloc[0])
+    # the layers before the planted one pass in both modes (a bug in the head: all layers)
+    n = spec.planted(cfg)
+    early = df[df["layer"].notna() & ((df["layer"] < n) if n is not None else True)]
+    assert set(early["verdict"]) <= {"pass"}, early[early["verdict"] != "pass"][
+        ["mode", "site", "reason"]]
+
+
+@pytest.mark.parametrize("case", BF16, ids=[_id(c) for c in BF16])
+def test_every_mutant_is_flagged_at_its_layer_in_bf16(bench, case):
+    spec, family, dtype = case
+    df = bench(family, dtype, spec.check, spec)
+    first = C.first_divergent(df, "local")
+    assert len(first) == 1, f"{spec.name} on {family} passes every site in bf16"
+    assert first["site"].iloc[0] in spec.expected_sites(bench.ckpt(family, "tiny").config)
+
+
+def test_the_cache_mutant_is_invisible_without_a_cache(bench):
+    """Why the catalogue needs the cache check: one forward over the same tokens passes."""
+    spec = Mu.BY_NAME["cache-forgets-one"]
+    assert set(bench("gpt2", "float16", "layers", spec)["verdict"]) == {"pass"}
+    assert bench("gpt2", "float16", "cache", spec)["verdict"].isin(BAD).any()
+
+
+def test_missing_upcast_overflows_only_on_stress_magnitudes(bench):
+    """The missing upcast is a range bug: tiny magnitudes pass, the stress checkpoint's scores
+    (beyond 65504) cannot be held in fp16: `overflow` at the planted layer's scores."""
+    spec = Mu.BY_NAME["missing-upcast"]
+    tiny = bench("gpt_neo", "float16", "layers", spec)
+    assert not tiny["verdict"].isin(BAD).any()
+    stress = bench("gpt_neo", "float16", "stress", spec)
+    row = stress[(stress["site"] == "blocks.2.attn.scores") & (stress["mode"] == "local")].iloc[0]
+    assert row["verdict"] == "overflow" and row["site_dtype"] == "float16"
+    assert row["ref_max_abs"] > 65504
+
+
+# ----------------------------------------------------------------------------- the command
+def _detection(tmp_path, *args):
+    from parity.cli import _Parser
+
+    p = _Parser(prog="parity")
+    D.add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
+    a = p.parse_args(["detection", "--out", str(tmp_path), *args])
+    return D.cmd_detection(a)
+
+
+def test_detection_command_writes_the_table_and_exits_0_when_all_are_killed(tmp_path, capsys):
+    rc = _detection(tmp_path, "--mutants", "scale-twice", "cache-forgets-one", "--families",
+                    "gpt2", "gptj", "--dtypes", "fp16")
+    assert rc == 0
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "detection.csv")
+    assert len(df) == 4 and df["killed"].all() and df["pinned"].all()
+    cache = df[df["mutant"] == "cache-forgets-one"]
+    assert set(cache["caught_by"]) == {"cache"}
+    assert set(cache["first_site"]) == {"blocks.2.attn.scores"}
+    md = (tmp_path / "detection.md").read_text()
+    assert "4 of 4 mutants killed (100%)" in md and "| scale-twice | gptj | float16 |" in md
+    assert "float16: 4/4 mutants killed" in capsys.readouterr().out
+
+
+def test_detection_command_exits_1_on_a_survivor_and_says_why(tmp_path):
+    """LayerNorm's unbiased variance (0.8% at d=64) sits between bf16's warn and fail limits."""
+    rc = _detection(tmp_path, "--mutants", "ln-unbiased-variance", "--families", "gpt2",
+                    "--dtypes", "bf16")
+    assert rc == 1
+    md = (tmp_path / "detection.md").read_text()
+    assert "0 of 1 mutants killed" in md
+    assert "## Survivors" in md
+    assert "ln-unbiased-variance / gpt2 / bfloat16: warn at blocks.2.ln_1" in md
+
+
+def test_detection_command_refuses_unknown_names(tmp_path):
+    from parity.errors import ParityError
+
+    with pytest.raises(ParityError, match="unknown mutant"):
+        _detection(tmp_path, "--mutants", "no-such-bug")
+    with pytest.raises(ParityError, match="unknown family"):
+        _detection(tmp_path, "--families", "bert")
