@@ -177,12 +177,22 @@ def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str) -
 
 def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dtypes: dict,
                  rows, policy: dict, *, mode: str, family: str, label: str, variant: str,
-                 dtype: str, subject_dtype: str, device: str, emulate: bool) -> list[dict]:
-    """One record per site present in both the reference and the subject, in reference order."""
+                 dtype: str, subject_dtype: str, device: str, emulate: bool,
+                 state: dict | None = None) -> list[dict]:
+    """One record per site present in both the reference and the subject, in reference order.
+
+    Non-finite values downstream of a site whose reference exceeds the dtype's range are that
+    overflow's consequence, not a parity failure: they get the verdict `overflow` too, with the
+    origin in the reason. `state` carries the origin across calls (the lockstep's layers); in
+    local mode it ends with the layer, since the next block starts from the reference."""
+    state = {} if state is None else state
     out = []
     for site, r in ref_sites.items():
         if site not in sub_sites:
             continue
+        if mode == "local" and state.get("layer", -1) != site_layer(site):
+            state.pop("origin", None)
+            state["layer"] = site_layer(site)
         sdt = dtypes.get(site, dtype)
         budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
                               mode=mode, checkpoint=label)
@@ -191,6 +201,13 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
                      floor_sites.get(site), rows, sdt, dtype,
                      margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail)
         v, why = verdict(m, budget, site, sdt, dtype)
+        if v == "overflow":
+            state.setdefault("origin", (site, m["ref_max_abs"], sdt))
+        elif v == "fail" and "origin" in state and (
+                m["nonfinite"] or not math.isfinite(m["floor_ratio"])):
+            o = state["origin"]
+            v, why = "overflow", (f"inherited from {o[0]}, where the reference (max |x| "
+                                  f"{o[1]:.3g}) exceeds {o[2]}: {why}")
         out.append(dict(
             family=family, checkpoint=label, variant=variant, dtype=subject_dtype, device=device,
             emulate=emulate, mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),

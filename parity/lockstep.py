@@ -101,6 +101,7 @@ def lockstep(ckpt: Checkpoint, inputs: Inputs, model, *, policy: dict | None = N
                   emulate=str(meta.get("emulate", "")) in ("True", "on", "true"))
     records: list[dict] = []
     kept: dict[str, np.ndarray] = {}
+    states = {"accumulated": {}, "local": {}}  # overflow origins carried across layers
 
     with torch.no_grad():
         acc, loc = model.prepare(inputs), model.prepare(inputs)
@@ -114,7 +115,7 @@ def lockstep(ckpt: Checkpoint, inputs: Inputs, model, *, policy: dict | None = N
                 fl = {k: v[b:] for k, v in f_tr.sites.items()}
             for mode, sub, flo in (("accumulated", acc.trace, fa), ("local", loc.trace, fl)):
                 records.extend(make_records(ref_tr.sites, sub.sites, flo, dts, rows, policy,
-                                            mode=mode, **common))
+                                            mode=mode, state=states[mode], **common))
             if keep:
                 kept.update({k: v for k, v in acc.trace.sites.items() if keep(k)})
             for t in (ref_tr, acc.trace, loc.trace) + ((f_tr,) if floor else ()):

@@ -261,7 +261,7 @@ def test_a_reference_beyond_the_dtype_is_overflow_never_a_failure_or_crash(save,
     """Weights scaled by up to 2^16 per group push the stream, the scores and the MLP
     pre-activations past fp16's (sometimes bf16's) range: every site whose reference the
     dtype cannot hold is `overflow` (reason naming the magnitude and the dtype), no other site
-    is, and the comparison always completes."""
+    is unless its reason names the overflow it inherits, and the comparison always completes."""
     raw, cfg, weights = draw_model(data, data.draw(families(), label="family"))
     weights = scaled_weights(cfg, weights, data.draw(scales(16), label="scales"))
     inputs = Inputs(*data.draw(verdict_batches(cfg), label="batch"))
@@ -270,8 +270,9 @@ def test_a_reference_beyond_the_dtype_is_overflow_never_a_failure_or_crash(save,
         if exceeds(r.ref_max_abs, r.site_dtype):
             assert r.verdict == "overflow", (r.variant, r.dtype, r.mode, r.site, r.reason)
             assert f"{r.ref_max_abs:.3g}" in r.reason and r.site_dtype in r.reason
-        else:
-            assert r.verdict != "overflow", (r.variant, r.dtype, r.mode, r.site, r.reason)
+        elif r.verdict == "overflow":  # only as the consequence of an earlier origin
+            assert r.reason.startswith("inherited from "), (r.variant, r.dtype, r.mode, r.site,
+                                                            r.reason)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the floor's inf - inf
