@@ -100,7 +100,10 @@ def load_policy(path: str | None = None) -> dict:
 def budget_for(policy: dict, *, dtype: str, family: str = "", variant: str = "", site: str = "",
                mode: str = "", checkpoint: str = "") -> Budget:
     """The budget of one site: the dtype's defaults, then every matching override in order."""
-    base = policy["defaults"].get(dtype) or policy["defaults"].get("float16")
+    base = policy["defaults"].get(dtype)
+    if base is None:  # never judge a dtype by another dtype's limits
+        raise ParityError(f"the budgets/policy file has no [defaults.{dtype}] table for a "
+                          f"{dtype} subject (it has: {', '.join(sorted(policy['defaults']))})")
     vals = {k: float(base[k]) for k in VERDICT_KEYS}
     reasons = []
     key = dict(family=family, variant=variant, site=site, dtype=dtype, mode=mode,

@@ -307,3 +307,14 @@ def test_frame_has_the_columns_and_one_row_per_site_mode_subject(ckpts):
     assert logits["top1"].notna().all() and df[df["site"] != "logits"]["top1"].isna().all()
     assert set(df["family"]) == {"gptj"} and set(df["checkpoint"]) == {"tiny"}
     assert np.isfinite(df["floor_ratio"]).all()
+
+
+def test_a_policy_without_the_subjects_dtype_is_an_error(tmp_path):
+    """A subject is never judged by another dtype's limits."""
+    p = tmp_path / "policy.toml"
+    p.write_text('schema = "parity-budgets/1"\n[defaults.float16]\nfloor_ratio_warn = 2\n'
+                 'floor_ratio_fail = 8\ntop1_min = 0.9\nkl_max = 0.001\nreason = "x"\n')
+    policy = B.load_policy(str(p))
+    assert B.budget_for(policy, dtype="float16").floor_ratio_fail == 8
+    with pytest.raises(ParityError, match=r"no \[defaults.bfloat16\]"):
+        B.budget_for(policy, dtype="bfloat16")
