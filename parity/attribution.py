@@ -72,35 +72,30 @@ def _share(before: float, after: float) -> tuple[float, str]:
 
 def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str, *,
                      target: str = "reference", device: str = "cpu", emulate=None,
-                     label: str = "", ref_logits: np.ndarray | None = None,
+                     label: str = "", ref_trace: reference.Trace | None = None,
                      site: str = "logits", mode: str = "accumulated") -> pd.DataFrame:
     """One row per knob the subject could change: flip it alone (to PRECISE, or to the target
     variant's value) and measure the error at `site` (default the logits) against the target
     again. Measuring at the first divergent site explains a verdict the logits do not show;
     with mode="local" every block is fed the reference's input, so a flip is credited only with
-    what it changes in the layer that makes the divergence."""
+    what it changes in the layer that makes the divergence. `ref_trace`: the reference's full
+    trace on these inputs, when the caller already has it (computed here otherwise)."""
     from .compare import block_inputs
 
     cfg = ckpt.config
     knobs = parse_variant(variant, cfg.family, cfg)
     rows = token_rows(inputs)
     sites = [site]
-    streams = None
-    if mode == "local":
+    if ref_trace is None:
         ref_trace = reference.forward(cfg, ckpt.weights(), inputs.input_ids,
                                       inputs.attention_mask, inputs.position_ids)
-        streams = block_inputs(ref_trace, cfg)
-        ref_logits = ref_trace.sites[site]
+    streams = block_inputs(ref_trace, cfg) if mode == "local" else None
 
     def at(trace):
         return trace.sites[site]
 
     if target == "reference":
-        if ref_logits is None or (site != "logits" and streams is None):
-            ref_logits = at(reference.forward(cfg, ckpt.weights(), inputs.input_ids,
-                                              inputs.attention_mask, inputs.position_ids,
-                                              sites=sites))
-        goal = ref_logits
+        goal = at(ref_trace)
         flips = {k: v for k, v in PRECISE.items() if getattr(knobs, k) != v}
     else:
         other = parse_variant(target, cfg.family, cfg)

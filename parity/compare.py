@@ -175,6 +175,12 @@ def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str) -
     return "pass", ""
 
 
+def wide_sites(dtypes: dict, dtype: str) -> dict:
+    """Sites a subject keeps wider than its dtype (upcast scores, fp32 softmax): the rounding
+    floor rounds those to that width, so it is the best implementation of the same layout."""
+    return {k: v for k, v in dtypes.items() if v != dtype and k != "logits"}
+
+
 def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dtypes: dict,
                  rows, policy: dict, *, mode: str, family: str, label: str, variant: str,
                  dtype: str, subject_dtype: str, device: str, emulate: bool,
@@ -244,7 +250,7 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
         dtype = meta.get("dtype", subject.dtype)  # the fp32 preset forces float32
         # the floor in the subject's own storage dtypes: a site the subject keeps wider (upcast
         # scores, fp32 softmax) is rounded to that width in the floor too
-        wide = {k: v for k, v in dtypes.items() if v != dtype and k != "logits"}
+        wide = wide_sites(dtypes, dtype)
         key = (dtype, tuple(sorted(wide.items())))
         if dtype in ("float16", "bfloat16", "float32") and key not in floors:
             floors[key] = {

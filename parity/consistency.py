@@ -27,7 +27,7 @@ from reference.sites import site_kind
 
 from . import budgets as B
 from .compare import (COLUMNS, MODES, Subject, block_inputs, compare, floor_local, make_records,
-                      to_frame, token_rows)
+                      to_frame, token_rows, wide_sites)
 from .inputs import Inputs
 
 CHECK_COLUMNS = COLUMNS + ["check", "case"]
@@ -77,11 +77,6 @@ def run_local(model, inputs: Inputs, streams, past=None) -> reference.Trace:
             model.block(ctx, i, streams[i])
         model.head(ctx, streams[-1])
         return model.finish(ctx)
-
-
-def _wide(dtypes: dict, dtype: str) -> dict:
-    """Sites the subject keeps wider than its dtype (the floor rounds them to that width)."""
-    return {k: v for k, v in dtypes.items() if v != dtype and k != "logits"}
 
 
 def _floor(cfg, weights, inputs: Inputs, streams, dtype: str, wide: dict, mode: str):
@@ -157,7 +152,7 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
             else:
                 out = model.forward(tail, past=model.forward(head).cache)
             dtype = out.meta.get("dtype", subject.dtype)
-            key = (mode, dtype, tuple(sorted(_wide(out.dtypes, dtype).items())))
+            key = (mode, dtype, tuple(sorted(wide_sites(out.dtypes, dtype).items())))
             if key not in floors:
                 flo = _floor(cfg, weights, inputs, streams, dtype, dict(key[2]), mode)
                 floors[key] = None if flo is None else {
@@ -193,7 +188,7 @@ def batch_check(ckpt, inputs: Inputs, subjects, *, label="", modes=MODES, policy
         for mode in modes:
             out = run_local(model, inputs, streams) if mode == "local" else model.forward(inputs)
             dtype = out.meta.get("dtype", subject.dtype)
-            wide = tuple(sorted(_wide(out.dtypes, dtype).items()))
+            wide = tuple(sorted(wide_sites(out.dtypes, dtype).items()))
             for r, (real, inp, ref_r, streams_r) in enumerate(alone):
                 key = (r, mode, dtype, wide)
                 if key not in floors:

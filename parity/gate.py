@@ -27,14 +27,13 @@ import pandas as pd
 import reference
 
 from . import budgets as B
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from .compare import Subject, overall, token_rows
+from .checkpoint import Checkpoint, open_checkpoint
+from .compare import Subject, overall, token_rows, wide_sites
 from .errors import ParityError
 from .golden_io import read_golden
 from .inputs import Inputs, default_batch, load_tokenizer, validate_inputs
 
 GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
-GPT2_VOCAB = 50257  # the GPT-2 BPE vocabulary every GPT-2-tokenizer family uses
 
 
 @dataclass
@@ -184,8 +183,7 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                   inputs.attention_mask, inputs.position_ids,
                                   floor=subject.dtype if subject.dtype != "float64" else None,
-                                  floor_sites={k: v for k, v in sub.dtypes.items()
-                                               if v != subject.dtype and k != "logits"})
+                                  floor_sites=wide_sites(sub.dtypes, subject.dtype))
         df = to_frame(make_records(
             ref.sites, sub.sites, floor.sites if subject.dtype != "float64" else None,
             sub.dtypes, token_rows(inputs), policy, mode="accumulated",

@@ -18,11 +18,10 @@ import torch
 import reference
 from reference import ops
 from reference.model import Context, RoundedWeights, make_context
-from reference.sites import block_output_site
 
 from . import budgets as B
 from .checkpoint import Checkpoint, LazyWeights
-from .compare import make_records, to_frame, token_rows
+from .compare import make_records, to_frame, token_rows, wide_sites
 from .inputs import Inputs
 
 CHUNK_ELEMENTS = 1 << 24  # weight elements converted to float64 at once (128 MiB)
@@ -124,8 +123,7 @@ def lockstep(ckpt: Checkpoint, inputs: Inputs, model, *, policy: dict | None = N
         def widen():
             """The floor keeps wide what the subject keeps wide (e.g. upcast scores)."""
             if floor:
-                f_ctx.floor_sites.update({k: v for k, v in acc.trace.dtypes.items()
-                                          if v != dtype and k != "logits"})
+                f_ctx.floor_sites.update(wide_sites(acc.trace.dtypes, dtype))
 
         h_ref = mod.embed(ref_ctx, ids)
         h_sub = model.embed(acc)

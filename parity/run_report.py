@@ -89,28 +89,31 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
                 ckpt = load_checkpoint(make_checkpoint(family, Path(tmp) / f"{family}-{label}",
                                                        preset=label, seed=SEED))
                 inputs = default_batch(ckpt.config, SEQ_LEN[label], seed=SEED)
-                df = compare(ckpt, inputs, subjects, label=label)
+                # the float64 reference once per checkpoint, shared by every comparison below
+                ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                                        inputs.attention_mask, inputs.position_ids)
+                df = compare(ckpt, inputs, subjects, label=label, ref_trace=ref)
                 frames.append(df)
                 if progress:
                     progress(f"{family}/{label} compared")
                 if not attribution:
                     continue
-                ref_logits = None
                 for s in subjects:
-                    a = knob_attribution(ckpt, inputs, s.variant, s.dtype, device=device,
-                                         label=label, ref_logits=ref_logits)
-                    attrs.append(a)
+                    attrs.append(knob_attribution(ckpt, inputs, s.variant, s.dtype,
+                                                  device=device, label=label, ref_trace=ref))
                 # explain each verdict where it starts: the knob flips measured at the first
                 # divergent site (local mode pins the layer that makes it)
                 for (v, d), (site, mode) in first_sites(df).items():
                     if site != "logits":
                         attrs.append(knob_attribution(ckpt, inputs, v, d, device=device,
-                                                      label=label, site=site, mode=mode))
+                                                      label=label, site=site, mode=mode,
+                                                      ref_trace=ref))
                 if family in PAIRS:
                     va, vb = PAIRS[family]
                     for d in dtypes:
                         attrs.append(knob_attribution(ckpt, inputs, va, d, target=vb,
-                                                      device=device, label=label))
+                                                      device=device, label=label,
+                                                      ref_trace=ref))
                 if progress:
                     progress(f"{family}/{label} attributed")
     div = pd.concat(frames, ignore_index=True)
