@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from dataclasses import dataclass
 import tomllib
 from pathlib import Path
@@ -42,6 +43,13 @@ def tolerance(name: str, kind: str | None = None, path: str | None = None) -> fl
 
 # ----------------------------------------------------------------------------- verdict budgets
 VERDICT_KEYS = ("floor_ratio_warn", "floor_ratio_fail", "top1_min", "kl_max")
+# a float64 subject has no rounding floor to be measured against: its limit is a plain rel_l2
+# (required in [defaults.float64], optional elsewhere)
+OPTIONAL_KEYS = ("rel_l2_max",)
+# what the gate requires by default (a policy's [gate] table overrides): the sites a subject
+# must expose (globs; `block-outputs` = every block's output stream) and the checks that may
+# not be skipped (e.g. "tokenizer" for a release that ships tokenizer files)
+DEFAULT_GATE = {"require_sites": ["logits", "block-outputs"], "require": []}
 MATCH_KEYS = ("family", "variant", "site", "dtype", "mode", "checkpoint")
 
 
@@ -51,6 +59,7 @@ class Budget:
     floor_ratio_fail: float
     top1_min: float
     kl_max: float
+    rel_l2_max: float = math.nan
     reason: str = ""
 
 
@@ -62,7 +71,8 @@ def validate_policy(data: dict, source: str) -> None:
     for dt, t in defaults.items():
         if not isinstance(t, dict):
             raise ParityError(f"{source}: defaults.{dt} is not a table")
-        missing = [k for k in VERDICT_KEYS if k not in t]
+        missing = [k for k in VERDICT_KEYS + (OPTIONAL_KEYS if dt == "float64" else ())
+                   if k not in t]
         if missing:
             raise ParityError(f"{source}: defaults.{dt} lacks {', '.join(missing)}")
         _check_numbers(t, f"{source}: defaults.{dt}")
@@ -75,16 +85,28 @@ def validate_policy(data: dict, source: str) -> None:
             raise ParityError(f"{where} is not a table")
         if not o.get("reason"):
             raise ParityError(f"{where} has no reason")
-        unknown = [k for k in o if k not in VERDICT_KEYS + MATCH_KEYS + ("reason",)]
+        unknown = [k for k in o if k not in VERDICT_KEYS + OPTIONAL_KEYS + MATCH_KEYS
+                   + ("reason",)]
         if unknown:
             raise ParityError(f"{where} has unknown keys {', '.join(unknown)}")
-        if not any(k in o for k in VERDICT_KEYS):
+        if not any(k in o for k in VERDICT_KEYS + OPTIONAL_KEYS):
             raise ParityError(f"{where} sets no budget ({', '.join(VERDICT_KEYS)})")
         _check_numbers(o, where)
+    gate = data.get("gate", {})
+    if not isinstance(gate, dict):
+        raise ParityError(f"{source}: [gate] must be a table")
+    unknown = [k for k in gate if k not in tuple(DEFAULT_GATE) + ("reason",)]
+    if unknown:
+        raise ParityError(f"{source}: [gate] has unknown keys {', '.join(unknown)} "
+                          f"(known: {', '.join(DEFAULT_GATE)})")
+    for k in DEFAULT_GATE:
+        v = gate.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ParityError(f"{source}: [gate] {k} must be a list of strings, got {v!r}")
 
 
 def _check_numbers(t: dict, where: str) -> None:
-    for k in VERDICT_KEYS:
+    for k in VERDICT_KEYS + OPTIONAL_KEYS:
         if k in t and (isinstance(t[k], bool) or not isinstance(t[k], (int, float))):
             raise ParityError(f"{where}: {k} must be a number, got {t[k]!r}")
         if k in t and t[k] < 0:
@@ -104,12 +126,22 @@ def budget_for(policy: dict, *, dtype: str, family: str = "", variant: str = "",
     if base is None:  # never judge a dtype by another dtype's limits
         raise ParityError(f"the budgets/policy file has no [defaults.{dtype}] table for a "
                           f"{dtype} subject (it has: {', '.join(sorted(policy['defaults']))})")
-    vals = {k: float(base[k]) for k in VERDICT_KEYS}
+    vals = {k: float(base[k]) for k in VERDICT_KEYS + OPTIONAL_KEYS if k in base}
     reasons = []
     key = dict(family=family, variant=variant, site=site, dtype=dtype, mode=mode,
                checkpoint=checkpoint)
     for o in policy.get("overrides", []):
         if all(fnmatch.fnmatchcase(str(key[k]), str(o[k])) for k in MATCH_KEYS if k in o):
-            vals.update({k: float(o[k]) for k in VERDICT_KEYS if k in o})
+            vals.update({k: float(o[k]) for k in VERDICT_KEYS + OPTIONAL_KEYS if k in o})
             reasons.append(o["reason"])
     return Budget(**vals, reason="; ".join(reasons))
+
+
+def gate_requirements(policy: dict | None) -> dict:
+    """The policy's `[gate]` table over the defaults: `require_sites`, `require`."""
+    gate = (policy or {}).get("gate", {})
+    return {k: list(gate.get(k, v)) for k, v in DEFAULT_GATE.items()}
+
+
+def required_sites(policy: dict | None) -> list[str]:
+    return gate_requirements(policy)["require_sites"]

@@ -131,11 +131,9 @@ def site_row(site, sub, ref, flo, rows, site_dtype, dtype, margin_factor=None) -
         m["floor_rel_l2"] = math.nan
         m["floor_ratio"] = math.nan
     if site == "logits":
-        lm = M.logit_metrics(sub, ref, rows, floor=flo, margin_factor=margin_factor)
-        lm.pop("top1_rows")
-        m.update(lm)
+        m.update(M.logit_metrics(sub, ref, rows, floor=flo, margin_factor=margin_factor))
     else:
-        m.update(top1=math.nan, kl=math.nan)
+        m.update(top1=math.nan, kl=math.nan, top1_rows=0)
     return m
 
 
@@ -148,31 +146,62 @@ def _rounds_to_inf(x: float, dtype: str) -> bool:
         return bool(np.isinf(ops.round_to(np.array([x], np.float64), dtype)[0]))
 
 
-def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str) -> tuple[str, str]:
-    """pass / warn / fail / overflow, with the reason in one sentence."""
+# Verdicts of one site, mildest first. `not_exposed`: the subject does not report a site the
+# reference has (a failure when the policy requires it); `unmeasured`: no floor ratio could be
+# formed (NaN, or a non-finite floor beside a finite subject) -- never a pass.
+VERDICTS = ("not_exposed", "pass", "warn", "overflow", "unmeasured", "fail")
+FAILING = ("fail", "overflow", "unmeasured")
+
+
+def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str,
+            where=None) -> tuple[str, str]:
+    """pass / warn / fail / overflow / unmeasured, with the reason in one sentence.
+
+    `where(scale, what)` (optional) names how many elements exceed an element-level limit and
+    the worst one (`metrics.where_text`). A float64 subject is held to the policy's
+    `rel_l2_max` (it has no rounding floor)."""
+    where = where or (lambda scale, what: "")
     limit = M.DTYPE_MAX.get(site_dtype, math.inf)
     if m["ref_max_abs"] > limit and _rounds_to_inf(m["ref_max_abs"], site_dtype):
         return "overflow", (f"reference max |x| = {m['ref_max_abs']:.3g} exceeds {site_dtype} max "
                             f"{limit:.6g}: the dtype cannot hold this site")
     if m["nonfinite"]:
-        return "fail", (f"{m['nonfinite']} non-finite values where the reference is finite "
-                        f"(max |x| {m['ref_max_abs']:.3g}, headroom {m['headroom']:.3g})")
+        return "fail", _join(f"{m['nonfinite']} non-finite values where the reference is finite "
+                             f"(max |x| {m['ref_max_abs']:.3g}, headroom {m['headroom']:.3g})",
+                             where(math.inf, "the reference's finite range"))
     if dtype == "float64":
-        tol = B.tolerance("fast_float64_vs_reference")
-        if m["rel_l2"] > tol:
-            return "fail", f"rel_l2 {m['rel_l2']:.3g} > {tol:g} in float64"
+        tol = budget.rel_l2_max
+        if not m["rel_l2"] <= tol:
+            a, b = M.fmt_pair(m["rel_l2"], tol)
+            return "fail", _join(f"rel_l2 {a} > {b} in float64",
+                                 where(tol * m["ref_max_abs"], f"{b} x max |reference|"))
         return "pass", ""
     fr = m["floor_ratio"]
+    floor_err = m.get("floor_rel_l2", 0.0)
+    if math.isnan(fr) or not math.isfinite(floor_err):
+        return "unmeasured", (f"floor ratio not measured: the rounding floor's error is "
+                              f"{floor_err:.3g} beside a subject error of {m['rel_l2']:.3g}")
     if site == "logits":
-        if m["top1"] < budget.top1_min:
-            return "fail", f"top-1 agreement {m['top1']:.3f} < {budget.top1_min:g}"
-        if m["kl"] > budget.kl_max:
-            return "fail", f"KL {m['kl']:.3g} > {budget.kl_max:g}"
-    if fr > budget.floor_ratio_fail:
-        return "fail", f"floor_ratio {fr:.3g} > {budget.floor_ratio_fail:g}"
-    if fr > budget.floor_ratio_warn:
-        return "warn", f"floor_ratio {fr:.3g} > {budget.floor_ratio_warn:g}"
+        if math.isnan(m["top1"]):
+            pass  # no decisive row: top-1 is not measured here (the floor ratio and KL still are)
+        elif m["top1"] < budget.top1_min:
+            a, b = M.fmt_pair(m["top1"], budget.top1_min)
+            return "fail", (f"top-1 agreement {a} < {b} over {m.get('top1_rows', 0)} decisive "
+                            f"rows")
+        if not m["kl"] <= budget.kl_max:
+            a, b = M.fmt_pair(m["kl"], budget.kl_max)
+            return "fail", f"KL {a} > {b}"
+    for v, lim in (("fail", budget.floor_ratio_fail), ("warn", budget.floor_ratio_warn)):
+        if fr > lim:
+            a, b = M.fmt_pair(fr, lim)
+            return v, _join(f"floor_ratio {a} > {b}",
+                            where(lim * m.get("floor_rms", math.nan),
+                                  f"{b} x the floor's rms error"))
     return "pass", ""
+
+
+def _join(head: str, tail: str) -> str:
+    return f"{head}: {tail}" if tail else head
 
 
 def wide_sites(dtypes: dict, dtype: str) -> dict:
@@ -181,42 +210,69 @@ def wide_sites(dtypes: dict, dtype: str) -> dict:
     return {k: v for k, v in dtypes.items() if v != dtype and k != "logits"}
 
 
+def required_site(site: str, family: str, patterns) -> bool:
+    """Whether the policy requires the subject to expose `site` (globs; `block-outputs` stands
+    for every block's output stream)."""
+    import fnmatch
+
+    out = f"blocks.*.{block_output_site(family)}"
+    return any(fnmatch.fnmatchcase(site, out if p == "block-outputs" else p) for p in patterns)
+
+
 def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dtypes: dict,
                  rows, policy: dict, *, mode: str, family: str, label: str, variant: str,
                  dtype: str, subject_dtype: str, device: str, emulate: bool,
                  state: dict | None = None) -> list[dict]:
-    """One record per site present in both the reference and the subject, in reference order.
+    """One record per site of the reference, in reference order.
 
-    Non-finite values downstream of a site whose reference exceeds the dtype's range are that
-    overflow's consequence, not a parity failure: they get the verdict `overflow` too, with the
-    origin in the reason. `state` carries the origin across calls (the lockstep's layers); in
-    local mode it ends with the layer, since the next block starts from the reference."""
+    A site the subject does not expose gets a row of its own (`not_exposed`, or `fail` when the
+    policy's `[gate] require_sites` names it): nothing is dropped silently. Non-finite values
+    downstream of a site whose reference exceeds the dtype's range are that overflow's
+    consequence, not a parity failure: they get the verdict `overflow` too, with the origin in
+    the reason. `state` carries the origin across calls (the lockstep's layers); in local mode
+    it ends with the layer, since the next block starts from the reference."""
     state = {} if state is None else state
+    required = B.required_sites(policy)
+    common = dict(family=family, checkpoint=label, variant=variant, dtype=subject_dtype,
+                  device=device, emulate=emulate, mode=mode)
     out = []
     for site, r in ref_sites.items():
-        if site not in sub_sites:
-            continue
         if mode == "local" and state.get("layer", -1) != site_layer(site):
             state.pop("origin", None)
             state["layer"] = site_layer(site)
+        if site not in sub_sites:
+            req = required_site(site, family, required)
+            out.append(dict(common, site=site, layer=site_layer(site), kind=site_kind(site),
+                            site_dtype=dtypes.get(site, dtype), nonfinite=0,
+                            verdict="fail" if req else "not_exposed",
+                            reason="not exposed by the subject" + (
+                                " (required by the policy: [gate] require_sites)" if req
+                                else "")))
+            continue
         sdt = dtypes.get(site, dtype)
         budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
                               mode=mode, checkpoint=label)
+        flo = None if floor_sites is None else floor_sites.get(site)
+        valid = M.valid_mask(site, r, rows)
         # top-1 counts the rows a subject within budget cannot flip (DECISIVE_MARGIN)
-        m = site_row(site, sub_sites[site], r, None if floor_sites is None else
-                     floor_sites.get(site), rows, sdt, dtype,
+        m = site_row(site, sub_sites[site], r, flo, rows, sdt, dtype,
                      margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail)
-        v, why = verdict(m, budget, site, sdt, dtype)
+        if flo is not None:
+            m["floor_rms"] = M.floor_rms(flo, r, valid)
+        y = sub_sites[site]
+        v, why = verdict(m, budget, site, sdt, dtype,
+                         where=lambda scale, what: M.where_text(
+                             M.over_limit(y, r, valid, scale), what))
         if v == "overflow":
             state.setdefault("origin", (site, m["ref_max_abs"], sdt))
-        elif v == "fail" and "origin" in state and (
-                m["nonfinite"] or not math.isfinite(m["floor_ratio"])):
+        elif v in ("fail", "unmeasured") and "origin" in state and (
+                m["nonfinite"] or not math.isfinite(m["floor_ratio"])
+                or not math.isfinite(m["floor_rel_l2"])):
             o = state["origin"]
             v, why = "overflow", (f"inherited from {o[0]}, where the reference (max |x| "
                                   f"{o[1]:.3g}) exceeds {o[2]}: {why}")
         out.append(dict(
-            family=family, checkpoint=label, variant=variant, dtype=subject_dtype, device=device,
-            emulate=emulate, mode=mode, site=site, layer=site_layer(site), kind=site_kind(site),
+            common, site=site, layer=site_layer(site), kind=site_kind(site),
             site_dtype=sdt, budget_warn=budget.floor_ratio_warn,
             budget_fail=budget.floor_ratio_fail, verdict=v, reason=why,
             **{k: m[k] for k in ("max_abs", "mean_abs", "rel_l2", "max_ulp", "cosine",
@@ -272,19 +328,16 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
 
 def first_divergent(df: pd.DataFrame, mode: str = "accumulated") -> pd.DataFrame:
     """Per family/checkpoint/variant/dtype: the first site (execution order) not passing."""
-    bad = df[(df["mode"] == mode) & (df["verdict"] != "pass")]
+    bad = df[(df["mode"] == mode) & ~df["verdict"].isin(["pass", "not_exposed"])]
     keys = ["family", "checkpoint", "variant", "dtype"]
     return bad.groupby(keys, sort=False).head(1)[keys + ["site", "layer", "verdict", "reason",
                                                          "floor_ratio"]]
 
 
 def overall(df: pd.DataFrame) -> str:
-    """'fail' if any site fails, else 'warn'/'overflow' if any, else 'pass'."""
-    v = set(df["verdict"])
-    for k in ("fail", "overflow", "warn"):
-        if k in v:
-            return k
-    return "pass"
+    """The worst verdict of any row ('pass' for an empty frame); `not_exposed` alone is a pass."""
+    v = set(df["verdict"]) - {"not_exposed"}
+    return max(v, key=VERDICTS.index, default="pass")
 
 
 # ----------------------------------------------------------------------------- notebook entry

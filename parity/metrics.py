@@ -132,7 +132,8 @@ def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None,
     """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T).
 
     With the floor's logits and a margin factor, top-1 counts only the decisive rows (see
-    `decisive_rows`; no decisive row gives 1.0); `top1_rows` says how many rows counted."""
+    `decisive_rows`); `top1_rows` says how many rows counted. With no decisive row top-1 is
+    not measured: NaN, never a perfect 1.0."""
     y = np.asarray(y, np.float64).reshape(-1, r.shape[-1])
     r = np.asarray(r, np.float64).reshape(-1, r.shape[-1])
     f = None if floor is None else np.asarray(floor, np.float64).reshape(-1, r.shape[-1])
@@ -141,11 +142,11 @@ def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None,
         y, r = y[keep], r[keep]
         f = None if f is None else f[keep]
     if not r.size:
-        return {"top1": 1.0, "kl": 0.0, "top1_rows": 0}
+        return {"top1": math.nan, "kl": 0.0, "top1_rows": 0}
     counted = (np.ones(len(r), bool) if f is None or margin_factor is None
                else decisive_rows(r, f, margin_factor))
     agree = np.argmax(np.nan_to_num(y, nan=-np.inf), -1) == np.argmax(r, -1)
-    top1 = float(np.mean(agree[counted])) if counted.any() else 1.0
+    top1 = float(np.mean(agree[counted])) if counted.any() else math.nan  # not measured
     if not np.isfinite(y).all():
         return {"top1": top1, "kl": math.inf, "top1_rows": int(counted.sum())}
     lr, ly = log_softmax(r), log_softmax(y)
@@ -174,3 +175,51 @@ def valid_mask(site: str, ref: np.ndarray, token_rows: np.ndarray | None) -> np.
 def _t_axis_len(site, r):
     return r.shape[2] if site.endswith(("attn.q", "attn.k", "attn.v", "attn.scores",
                                         "attn.probs")) else r.shape[1]
+
+
+# ----------------------------------------------------------------------------- where it diverges
+def fmt_pair(x: float, limit: float) -> tuple[str, str]:
+    """`x` and `limit` as text, `x` with enough significant digits that it never prints like a
+    different limit ("floor_ratio 4.0003 > 4", not "4 > 4")."""
+    b = f"{limit:g}"
+    for digits in range(3, 18):
+        a = f"{x:.{digits}g}"
+        if a != b or x == limit:
+            return a, b
+    return repr(x), b
+
+
+def over_limit(y: np.ndarray, r: np.ndarray, valid: np.ndarray, scale: float) -> dict:
+    """Where a subject leaves its budget, element by element: the valid elements whose error
+    |y - r| exceeds `scale` (e.g. the fail budget x the floor's root-mean-square error, the
+    per-element reading of a floor ratio over budget), and the worst element's index in the
+    site's own layout ((b, t, d) or (b, h, t, k)) with both values. Non-finite subject values
+    count as over."""
+    y = np.asarray(y, np.float64)
+    r = np.asarray(r, np.float64)
+    valid = np.broadcast_to(valid, r.shape) & np.isfinite(r)
+    with np.errstate(invalid="ignore"):
+        err = np.where(valid, np.abs(y - r), -1.0)
+    err = np.where(valid & ~np.isfinite(y), np.inf, err)
+    total = int(valid.sum())
+    over = int((err > scale).sum())
+    idx = np.unravel_index(int(np.argmax(err)), err.shape) if err.size else ()
+    return {"over": over, "total": total, "index": tuple(int(i) for i in idx),
+            "subject": float(y[idx]) if err.size else math.nan,
+            "reference": float(r[idx]) if err.size else math.nan}
+
+
+def where_text(loc: dict, what: str) -> str:
+    """'41 / 960 elements (4.3%) over <what>; worst at (0, 3, 7): subject 0.1234, reference
+    0.1003' — the shape of torch.testing.assert_close's mismatch report."""
+    share = 100.0 * loc["over"] / loc["total"] if loc["total"] else 0.0
+    idx = ", ".join(map(str, loc["index"]))
+    return (f"{loc['over']} / {loc['total']} elements ({share:.2g}%) over {what}; worst at "
+            f"({idx}): subject {loc['subject']:.6g}, reference {loc['reference']:.6g}")
+
+
+def floor_rms(f: np.ndarray, r: np.ndarray, valid: np.ndarray) -> float:
+    """Root-mean-square error of the rounding floor over the valid elements: rel_l2 x ||r|| /
+    sqrt(n), the element-level scale of a floor ratio."""
+    f, r = _select(f, r, valid)
+    return float(np.sqrt(np.mean((f - r) ** 2))) if r.size else 0.0
