@@ -9,6 +9,7 @@ are ignored; a tied LM head may be absent. Canonical names are the HF keys witho
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import torch
 import reference
 from reference.config import ConfigError, ModelConfig
 
-from .errors import CheckpointError
+from .errors import CheckpointError, StructureError
 
 LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(attention\.)?(bias|masked_bias)$")
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -67,6 +68,9 @@ class Checkpoint:
     config: ModelConfig
     entries: dict[str, Entry]
     ignored: list[str] = field(default_factory=list)
+    # a stored LM head under a config that ties it to the embedding: read only to check that it
+    # equals the embedding (structure_problems)
+    tied_head: Entry | None = None
     fmt: str = "safetensors"
     # keep safetensors files open (fast for many small reads). The gate turns this off: an open
     # memory map keeps every page it has served resident, so RSS would grow with depth.
@@ -145,30 +149,75 @@ class Checkpoint:
         return self._bin[file]
 
     # ------------------------------------------------------------------ validation
-    def validate(self, check_values: bool = True) -> None:
-        """Raise CheckpointError on missing/unexpected keys, wrong shapes or dtypes and (with
-        check_values) non-finite values. Reads one tensor at a time."""
+    def structure_problems(self) -> list[str]:
+        """Everything structurally wrong, one sentence each: missing or unexpected keys, shapes
+        that disagree with the config, non-float dtypes, and a stored LM head that differs from
+        the embedding although the config ties them (transformers then uses the stored head,
+        while a tied reading would drop it). Reads tensors one chunk at a time."""
         expected = reference.param_shapes(self.config)
+        out = []
         missing = [k for k in expected if k not in self.entries]
         if missing:
-            raise CheckpointError(
-                f"{self.path}: missing weights {_few(missing)} for {self.config.family} "
-                f"with {self.config.n_layer} layers"
-            )
+            out.append(f"{self.path}: missing weights {_few(missing)} for {self.config.family} "
+                       f"with {self.config.n_layer} layers")
         unexpected = [k for k in self.entries if k not in expected]
         if unexpected:
-            raise CheckpointError(f"{self.path}: unexpected weights {_few(unexpected)}")
+            out.append(f"{self.path}: unexpected weights {_few(unexpected)}")
         for name, shape in expected.items():
-            e = self.entries[name]
+            e = self.entries.get(name)
+            if e is None:
+                continue
             if tuple(e.shape) != tuple(shape):
-                raise CheckpointError(
-                    f"{e.file}: tensor {e.key!r} has shape {list(e.shape)}, config.json implies "
-                    f"{list(shape)}"
-                )
-            if e.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{e.file}: tensor {e.key!r} has dtype {e.dtype}, not float")
+                out.append(f"{e.file}: tensor {e.key!r} has shape {list(e.shape)}, config.json "
+                           f"implies {list(shape)}")
+            elif e.dtype not in FLOAT_DTYPES:
+                out.append(f"{e.file}: tensor {e.key!r} has dtype {e.dtype}, not float")
+        if not out and self.tied_head is not None:
+            why = self._tied_head_differs()
+            if why:
+                out.append(why)
+        return out
+
+    def _tied_head_differs(self) -> str | None:
+        """The stored head of a tied config against the embedding, row chunk by row chunk."""
+        head = self.tied_head
+        emb = self._entry("lm_head.weight")  # resolves to the embedding
+        where = f"{head.file}: {head.key!r} and {emb.key!r}"
+        if tuple(head.shape) != tuple(emb.shape):
+            return (f"{where}: the config ties the LM head to the embedding, but the stored head "
+                    f"has shape {list(head.shape)}, the embedding {list(emb.shape)}")
+        rows, step = head.shape[0], max(1, (1 << 22) // max(1, head.shape[1]))
+        diff, n_diff = 0.0, 0
+        for a in range(0, rows, step):
+            idx = np.arange(a, min(rows, a + step))
+            h = self._read_rows(head, idx).to(torch.float64)
+            w = self.rows("lm_head.weight", idx).to(torch.float64)
+            d = (h - w).abs()
+            n_diff += int((d != 0).sum()) + int((torch.isnan(h) != torch.isnan(w)).sum())
+            diff = max(diff, float(torch.nan_to_num(d, nan=math.inf).max()))
+        if n_diff:
+            return (f"{where} differ although the config ties them (tie_word_embeddings): "
+                    f"{n_diff} values differ, max |diff| {diff:.3g}; transformers would use the "
+                    f"stored head, a tied reading the embedding. Drop the stored head or set "
+                    f"tie_word_embeddings to false")
+        return None
+
+    def _read_rows(self, e: Entry, idx: np.ndarray) -> torch.Tensor:
+        if self.fmt != "safetensors":
+            return self._bin_state(e.file)[e.key][torch.as_tensor(idx)]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        return self._handle(e.file).get_slice(e.key)[lo:hi][torch.as_tensor(idx - lo)]
+
+    def validate(self, check_values: bool = True) -> None:
+        """Raise StructureError on missing/unexpected keys, wrong shapes or dtypes, a stored
+        head that a tied config would ignore, and CheckpointError (with check_values) on
+        non-finite values. Reads one tensor at a time."""
+        problems = self.structure_problems()
+        if problems:
+            raise StructureError(problems[0] + (f" (and {len(problems) - 1} more problems)"
+                                                if len(problems) > 1 else ""))
         if check_values:
-            for name in expected:
+            for name in reference.param_shapes(self.config):
                 self.float64(name)
 
     def storage_dtypes(self) -> dict[str, int]:
@@ -304,7 +353,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 ckpt.ignored.append(key)
                 continue
             if name == "lm_head.weight" and config.tie_word_embeddings:
-                ckpt.ignored.append(key)  # tied: the embedding is the head
+                ckpt.ignored.append(key)  # tied: the embedding is the head, if they agree
+                ckpt.tied_head = Entry(f, key, shape, dt)
                 continue
             if name in ckpt.entries:
                 raise CheckpointError(f"{f}: tensor {name!r} appears twice")

@@ -157,36 +157,46 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_gate(a) -> int:
+    from .subjects import normalize_dtype
+
+    out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
+    _check_writable(out)
+    if a.junit:  # before the run: an unwritable JUnit path must not follow a PASS report
+        _check_writable(Path(a.junit).parent)
+    try:
+        device = resolve_device(a.device)
+        return _gate(a, out, device, normalize_dtype(a.dtype))
+    except BaseException as e:
+        # every exit path leaves files that say what happened: never an earlier run's PASS
+        from .gate import write_error_artifacts
+
+        write_error_artifacts(out, a.junit, f"error: {_one_line(e)}" if isinstance(
+            e, ParityError) else f"error: internal error: {type(e).__name__}: {_one_line(e)}")
+        raise
+
+
+def _gate(a, out: Path, device: str, dtype: str) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from .gate import run_gate, write_junit
     from .report import write_report
-    from .subjects import normalize_dtype
 
     console = Console()
-    device = resolve_device(a.device)
-    dtype = normalize_dtype(a.dtype)
-    out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
-    _check_writable(out)
-    if a.junit:  # before the run: an unwritable JUnit path must not follow a PASS report
-        _check_writable(Path(a.junit).parent)
     with console.status("parity gate: starting") as status:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
                           progress=lambda msg: status.update(f"parity gate: {msg}"))
     from .run_report import environment
 
-    run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict, "checks": [c.as_dict() for c in
-                                                                 result.checks],
+    run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict,
+           "verdict_line": result.verdict_line, "not_checked": result.unchecked,
+           "checks": [c.as_dict() for c in result.checks],
            "subject": {k: str(v) for k, v in result.meta.items()},
            "environment": environment(device)}
-    if len(result.divergence):
-        write_report(out, result.divergence, None, run, title=f"gpt-parity gate: {a.checkpoint}",
-                     checks=[c.as_dict() for c in result.checks])
-    else:
-        write_report(out, _empty_divergence(), None, run, title=f"gpt-parity gate: "
-                     f"{a.checkpoint}", checks=[c.as_dict() for c in result.checks])
+    write_report(out, result.divergence if len(result.divergence) else _empty_divergence(),
+                 None, run, title=f"gpt-parity gate: {a.checkpoint}",
+                 checks=[c.as_dict() for c in result.checks])
     if a.junit:
         write_junit(a.junit, result)
     t = Table(title=f"parity gate {a.checkpoint}")
@@ -196,8 +206,8 @@ def cmd_gate(a) -> int:
     for c in result.checks:
         t.add_row(c.name, f"[{style[c.verdict]}]{c.verdict.upper()}[/]", c.detail)
     console.print(t)
-    console.print(f"verdict: [{style[result.verdict]}]{result.verdict.upper()}[/]  "
-                  f"(report: {out}/)")
+    console.print(f"verdict: [{style[result.verdict]}]{result.verdict_line}[/]  "
+                  f"(report: {out}/)", markup=True, highlight=False)
     return result.exit_code
 
 

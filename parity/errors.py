@@ -7,3 +7,13 @@ class ParityError(Exception):
 
 class CheckpointError(ParityError):
     """A checkpoint directory that cannot be read or does not match its config."""
+
+
+class StructureError(CheckpointError):
+    """A readable checkpoint whose weights do not match its config (missing, unexpected or
+    mis-shaped tensors, a stored head that a tied config would ignore): the gate reports it as a
+    structure failure (exit 1, report written); other commands refuse it (exit 2)."""
+
+
+class TokenizerMissing(ParityError):
+    """The checkpoint has no tokenizer files (a check that needs them is skipped, not failed)."""

@@ -28,8 +28,8 @@ import reference
 
 from . import budgets as B
 from .checkpoint import Checkpoint, open_checkpoint
-from .compare import Subject, overall, token_rows, wide_sites
-from .errors import ParityError
+from .compare import FAILING, Subject, overall, token_rows, wide_sites
+from .errors import ParityError, TokenizerMissing
 from .golden_io import read_golden
 from .inputs import Inputs, default_batch, load_tokenizer, validate_inputs
 
@@ -63,17 +63,33 @@ class GateResult:
     def exit_code(self) -> int:
         return 1 if self.verdict == "fail" else 0
 
+    @property
+    def unchecked(self) -> list[str]:
+        """What was not checked, one phrase each ("tokenizer not checked: no tokenizer files")."""
+        return [f"{c.name} not checked: {c.detail.removeprefix('not run: ')}"
+                for c in self.checks if c.verdict == "skip"]
+
+    @property
+    def verdict_line(self) -> str:
+        """'PASS', or 'PASS - tokenizer not checked: no tokenizer files ...': a bare verdict only
+        when every check ran."""
+        return " - ".join([self.verdict.upper(), *self.unchecked])
+
 
 # ----------------------------------------------------------------------------- structure
 def structure_check(ckpt: Checkpoint, progress=None) -> Check:
-    """Keys and shapes are bad input (raised as CheckpointError by validate); non-finite values
-    are a verdict: the checkpoint is readable but must not ship."""
-    ckpt.validate(check_values=False)
+    """A readable checkpoint that does not match its config (missing, unexpected or mis-shaped
+    weights, a stored head that a tied config would ignore) or holds non-finite values fails
+    here, with the report and JUnit file still written; only unreadable input is an error."""
     figures = {"family": ckpt.config.family, "layers": ckpt.config.n_layer,
                "hidden": ckpt.config.d_model, "heads": ckpt.config.n_head,
                "vocab_size": ckpt.config.vocab_size, "tensors": len(ckpt.entries),
                "storage_dtypes": ckpt.storage_dtypes(), "ignored_keys": len(ckpt.ignored),
                "format": ckpt.fmt}
+    problems = ckpt.structure_problems()
+    if problems:
+        figures["structure_problems"] = len(problems)
+        return Check("structure", "fail", "; ".join(problems), figures)
     bad = []
     for n, name in enumerate(reference.param_shapes(ckpt.config)):
         t = ckpt.tensor(name)
@@ -82,7 +98,7 @@ def structure_check(ckpt: Checkpoint, progress=None) -> Check:
             bad.append(f"{name} ({nonfinite} non-finite)")
         if progress and n % 16 == 0:
             progress(f"structure: {name}")
-    problems, notes = [], []
+    notes = []
     if bad:
         problems.append(f"non-finite weights: {', '.join(bad[:4])}"
                         + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
@@ -101,10 +117,10 @@ def vocabulary_check(ckpt: Checkpoint) -> dict:
     rows = ckpt.config.vocab_size
     try:
         tok = load_tokenizer(ckpt.path)
+    except TokenizerMissing:
+        out["notes"].append("no tokenizer files: vocabulary not checked")
+        return out
     except ParityError as e:
-        if "no tokenizer files" in str(e):
-            out["notes"].append("no tokenizer files: vocabulary not checked")
-            return out
         out["problems"].append(str(e))
         return out
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -128,33 +144,21 @@ def vocabulary_check(ckpt: Checkpoint) -> dict:
 
 # ----------------------------------------------------------------------------- goldens
 def golden_check(ckpt: Checkpoint, path: str) -> Check:
-    """One row per golden file from check_foreign_golden's per-site rows. A stored site whose
-    shape does not fit the checkpoint is bad input (the golden is of another model), not a
+    """One row per golden file, with `goldens.summarize_foreign`'s verdict (the same one
+    `parity golden check --file` gives: a golden with no comparable site fails). A stored site
+    whose shape does not fit the checkpoint is bad input (a golden of another model), not a
     verdict."""
-    from .goldens import check_foreign_golden
+    from .goldens import check_foreign_golden, summarize_foreign
 
     rows = check_foreign_golden(path, ckpt)
-    misfit = [r for r in rows if r["status"] == "fail" and r["reason"].startswith("expected ")]
+    misfit = [r for r in rows if r.get("misfit")]
     if misfit:
         r = misfit[0]
         raise ParityError(f"{path}: {r['site']} has shape {r['shape']}, the checkpoint gives "
-                          f"{r['reason'].removeprefix('expected ')} (a golden of another model?)")
-    done = [r for r in rows if r["status"] != "skip"]
-    failed = [r for r in done if r["status"] == "fail"]
-    worst = max(done, key=lambda r: r["rel"], default=None)
-    figures = {"sites": len(done), "sites_failed": len(failed),
-               "sites_skipped": len(rows) - len(done),
-               "worst_rel": _f(worst["rel"]) if worst else None,
-               "worst_site": worst["site"] if worst else None,
-               "tolerance": rows[0]["tolerance"] if rows else None,
-               "tolerance_name": rows[0]["tolerance_name"] if rows else None}
-    name = f"golden:{Path(path).name}"
-    if failed:
-        f = failed[0]
-        return Check(name, "fail", f"{path}: {len(failed)} of {len(done)} sites differ from the "
-                     f"float64 reference, first {f['site']} ({f['reason']})", figures)
-    return Check(name, "pass", f"{path}: {len(done)} sites within {figures['tolerance_name']} "
-                 f"= {figures['tolerance']:g} of the float64 reference", figures)
+                          f"{r['misfit']} (a golden of another model?)")
+    s = summarize_foreign(rows)
+    figures = {k: (_f(v) if isinstance(v, float) else v) for k, v in s["figures"].items()}
+    return Check(f"golden:{Path(path).name}", s["verdict"], f"{path}: {s['detail']}", figures)
 
 
 # ----------------------------------------------------------------------------- subject
@@ -179,7 +183,7 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                 inputs.attention_mask, inputs.position_ids)
         sub = run("hf", ckpt, inputs, dtype=subject.dtype, device=subject.device,
-                  variant=subject.variant if subject.variant != "hf" else None)
+                  variant=_hf_variant(subject))
         floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                   inputs.attention_mask, inputs.position_ids,
                                   floor=subject.dtype if subject.dtype != "float64" else None,
@@ -192,22 +196,37 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
             emulate=False))
         meta = dict(sub.meta, memory="--impl hf loads the whole model (not bounded)")
     v = overall(df)
-    logits = df[(df["site"] == "logits") & (df["mode"] == "accumulated")].iloc[0]
-    bad = df[df["verdict"] != "pass"]
+    acc = df[df["mode"] == "accumulated"]
+    logits = acc[acc["site"] == "logits"].iloc[0]
+    bad = df[~df["verdict"].isin(["pass", "not_exposed"])]
     first = bad.iloc[0] if len(bad) else None
-    figures = {"logits_floor_ratio": _f(logits["floor_ratio"]), "top1": _f(logits["top1"]),
+    hidden = sorted(set(df.loc[df["verdict"] == "not_exposed", "site"]))
+    figures = {"logits_floor_ratio": _f(logits["floor_ratio"]),
+               "top1": (_f(logits["top1"]) if not pd.isna(logits["top1"])
+                        else "n/a: no decisive rows"),
                "kl": _f(logits["kl"]), "worst_floor_ratio": _f(df["floor_ratio"].max()),
                "nonfinite": int(df["nonfinite"].sum()),
-               "min_headroom": _f(df["headroom"].min()), "sites_compared": int(len(df)),
-               "sites_over_budget": int((df["verdict"].isin(["fail", "overflow"])).sum())}
+               "min_headroom": _f(df["headroom"].min()),
+               "sites_compared": int((df["verdict"] != "not_exposed").sum()),
+               "sites_over_budget": int(df["verdict"].isin(FAILING).sum()),
+               "sites_not_exposed": len(hidden)}
+    if hidden:
+        figures["not_exposed"] = ", ".join(_kinds(hidden))
     what = (f"fast {subject.variant}" if impl == "fast" else
             f"transformers ({meta.get('attn_implementation', 'eager')})")
     detail = (f"{what} {subject.dtype} on {subject.device}: "
               + ("every site within budget" if first is None else
                  f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "
-                 f"{first['reason']})"))
+                 f"{first['reason']})")
+              + (f"; not exposed by the subject: {figures['not_exposed']}" if hidden else "")
+              + ("; top-1 not measured (no decisive rows)" if pd.isna(logits["top1"]) else ""))
     verdict = {"pass": "pass", "warn": "warn"}.get(v, "fail")
     return Check("subject", verdict, detail, figures), df, meta
+
+
+def _hf_variant(subject: Subject) -> str | None:
+    """The transformers variant of an `--impl hf` subject (`hf` = the default, eager)."""
+    return subject.variant if subject.variant != "hf" else None
 
 
 DETERMINISM_SITES = "embed,blocks.*.resid_post,blocks.*.ln_2,logits"
@@ -235,8 +254,8 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
     else:
         from .subjects import run
 
-        def once():
-            return run(impl, ckpt, inputs, variant=None, dtype=subject.dtype,
+        def once():  # exactly the subject that was judged (its attention implementation too)
+            return run(impl, ckpt, inputs, variant=_hf_variant(subject), dtype=subject.dtype,
                        device=subject.device, sites=sites)
     a = once()
     if first:
@@ -250,6 +269,11 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
                      f"{diff[0]}", {"sites_checked": len(a.sites), "sites_differing": len(diff)})
     return Check("determinism", "pass", f"two runs bitwise identical at {len(a.sites)} sites",
                  {"sites_checked": len(a.sites), "sites_differing": 0})
+
+
+def _kinds(sites: list[str]) -> list[str]:
+    """'blocks.0.attn.probs', 'blocks.1.attn.probs' -> 'blocks.*.attn.probs' (short lists)."""
+    return sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", s) for s in sites})
 
 
 def _f(x) -> float | None:
@@ -294,6 +318,21 @@ def load_prompts(path: str, ckpt: Checkpoint) -> Inputs:
 
 
 # ----------------------------------------------------------------------------- the gate
+def enforce_requirements(checks: list[Check], require: list[str], source: str) -> None:
+    """A check the policy requires (`[gate] require`) may not be skipped: its skip becomes a
+    fail that says so. `golden` requires at least one --golden file."""
+    for name in require:
+        mine = [c for c in checks if c.name == name or c.name.startswith(name + ":")]
+        if not mine:
+            checks.append(Check(name, "fail", f"required by the policy ({source}: [gate] "
+                                f"require) but not run: no --{name} given"))
+        for c in mine:
+            if c.verdict == "skip":
+                c.verdict = "fail"
+                c.detail = (f"required by the policy ({source}: [gate] require) but skipped: "
+                            f"{c.detail}")
+
+
 def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: str = "fast",
              variant: str = "hf", dtype: str = "float16", device: str = "cpu",
              emulate=None, prompts: str | None = None, progress=None) -> GateResult:
@@ -331,6 +370,8 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
         if progress:
             progress("determinism")
         checks.append(determinism_check(ckpt, inputs, subject, impl, meta.pop("first_run", None)))
+    enforce_requirements(checks, B.gate_requirements(policy)["require"],
+                         policy_path or str(B.DEFAULT_FILE))
     meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
                 impl=impl, variant=variant, dtype=dtype, device=device,
                 prompts=prompts or "built-in batch (2 x 16 tokens, one left-padded)",
@@ -338,10 +379,58 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     return GateResult(checks, div, meta)
 
 
-def write_junit(path: str, result: GateResult) -> None:
-    """JUnit XML: one testcase per check, for CI dashboards."""
+def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> None:
+    """After an error: no report file is left in the report folder (an earlier run's files
+    there are removed) and the JUnit file holds one error testcase, so nothing an earlier run
+    left can be read as this run's verdict. Best effort: a failing write here must not hide the
+    original error."""
+    from .report import FILES
+
+    def attempt(fn):
+        try:
+            fn()
+        except OSError:
+            pass
+
+    for name in FILES:
+        attempt(lambda: (Path(report_dir) / name).unlink(missing_ok=True))
+    if junit:
+        import xml.etree.ElementTree as ET
+
+        suite = ET.Element("testsuite", name="parity gate", tests="1", failures="0",
+                           errors="1", skipped="0")
+        case = ET.SubElement(suite, "testcase", classname="parity.gate", name="gate")
+        ET.SubElement(case, "error", message=message[:500]).text = message
+        attempt(lambda: _write_xml(Path(junit), suite))
+
+
+def _atomic_write(p: Path, text: str) -> None:
     import os
     import tempfile
+
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_xml(p: Path, root) -> None:
+    import io
+    import xml.etree.ElementTree as ET
+
+    buf = io.BytesIO()
+    ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
+    _atomic_write(p, buf.getvalue().decode("utf-8"))
+
+
+def write_junit(path: str, result: GateResult) -> None:
+    """JUnit XML: one testcase per check, for CI dashboards."""
     import xml.etree.ElementTree as ET
 
     suite = ET.Element("testsuite", name="parity gate", tests=str(len(result.checks)),
@@ -358,10 +447,6 @@ def write_junit(path: str, result: GateResult) -> None:
             f"{k}: {v}" for k, v in c.figures.items())
     p = Path(path)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
-        ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, p)
+        _write_xml(p, suite)
     except OSError as e:
         raise ParityError(f"{p}: cannot write JUnit file ({e.strerror or e})") from None

@@ -110,11 +110,38 @@ def read_golden(path: str | os.PathLike) -> Golden:
                                                  and a.shape[0] == b and a.shape[1] >= t):
                 raise ParityError(f"{path}: {k} has shape {list(a.shape)}, input_ids {[b, t]}")
             extra[k] = a.to(torch.int64).numpy()
+    label_check(path, dt, logits)
     names = site_order(meta.get("family"), [k for k in tensors if k not in INPUT_KEYS])
     sites = {k: tensors[k].to(torch.float64).numpy() for k in names}
     return Golden(path=path, meta=meta, input_ids=ids.to(torch.int64).numpy(),
                   logits=sites["logits"], attention_mask=extra.get("attention_mask"),
                   position_ids=extra.get("position_ids"), sites=sites)
+
+
+def label_check(path: Path, dtype: str, logits) -> None:
+    """The `dtype` label sets the tolerance, so it must be believable: logits computed in that
+    dtype hold only values it can represent (an fp16 model's logits upcast to float32 still
+    do). Logits the declared dtype cannot hold were computed at another precision: refused,
+    never judged at the looser tolerance the label would pick. (Other sites may legitimately be
+    kept wider than the model dtype, e.g. upcast attention scores.)"""
+    import torch
+
+    from reference.ops import round_to
+
+    if dtype == "float64":
+        return
+    x = logits.to(torch.float64).numpy()
+    fin = np.isfinite(x)
+    with np.errstate(over="ignore"):
+        off = fin & (round_to(np.where(fin, x, 0.0), dtype) != np.where(fin, x, 0.0))
+    n = int(off.sum())
+    if n:
+        idx = tuple(int(i) for i in np.argwhere(off)[0])
+        raise ParityError(
+            f"{path}: dtype says {dtype} but the logits hold values {dtype} cannot represent "
+            f"({n} of {x.size}, stored as {str(logits.dtype).removeprefix('torch.')}; e.g. "
+            f"{x[idx]!r} at {idx}): label the golden with the precision its logits were "
+            f"computed in")
 
 
 def site_order(family: str | None, names: list[str]) -> list[str]:

@@ -851,7 +851,8 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
                 continue
             r = ref.sites[site]
             if not t.is_floating_point() or tuple(t.shape) != r.shape:
-                row.update(status="fail", reason=f"expected float {list(r.shape)}")
+                row.update(status="fail", reason=f"expected float {list(r.shape)}",
+                           misfit=f"float {list(r.shape)}")
                 continue
             y = t.to(torch.float64).numpy()
             valid = valid_mask(site, r, trows)
@@ -882,14 +883,14 @@ def summarize_foreign(rows: list[dict]) -> dict:
     failed = [r for r in compared if r["status"] == "fail"]
     if not compared:
         return {"verdict": "fail", "detail": "no site of the golden could be compared",
-                "figures": {"sites": 0}}
+                "figures": {"sites": 0, "sites_skipped": len(rows)}}
     worst = max(compared, key=lambda r: (r["rel"] if not math.isnan(r["rel"]) else math.inf))
     tol = f"{compared[0]['tolerance_name']} = {compared[0]['tolerance']:g}"
     logits = [r["rel"] for r in compared if r["site"] == "logits"]
-    figures = {"sites": len(compared), "failed": len(failed), "max_rel": worst["rel"],
+    figures = {"sites": len(compared), "sites_failed": len(failed), "worst_rel": worst["rel"],
                "worst_site": worst["site"], "logits_rel": logits[0] if logits else math.nan,
                "tolerance_name": compared[0]["tolerance_name"],
-               "tolerance": compared[0]["tolerance"], "skipped": len(rows) - len(compared)}
+               "tolerance": compared[0]["tolerance"], "sites_skipped": len(rows) - len(compared)}
     if failed:
         f = failed[0]
         more = f" (and {len(failed) - 1} more sites)" if len(failed) > 1 else ""

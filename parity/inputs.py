@@ -8,7 +8,7 @@ import numpy as np
 
 from reference.config import ModelConfig
 
-from .errors import ParityError
+from .errors import ParityError, TokenizerMissing
 
 
 @dataclass
@@ -97,8 +97,8 @@ def load_tokenizer(ckpt_dir: Path):
     has_files = (ckpt_dir / "tokenizer.json").is_file() or (
         (ckpt_dir / "vocab.json").is_file() and (ckpt_dir / "merges.txt").is_file())
     if not has_files:
-        raise ParityError(f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json + "
-                          "merges.txt) for --text")
+        raise TokenizerMissing(f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json "
+                               "+ merges.txt) for --text")
     try:
         return build_tokenizer(ckpt_dir)
     except ParityError:

@@ -301,7 +301,8 @@ def _transpose(key):
     return lambda d: d.update({key: d[key].T.contiguous()})
 
 
-# (case id, argv builder, substrings the error line must contain)
+# (case id, argv builder, substrings the error line must contain). A readable checkpoint whose
+# weights do not match its config is not bad input but a structure FAIL (tests/test_gate_verdicts.py)
 BAD_INPUTS = [
     ("missing-config", _ckpt(lambda ck, t: (ck / "config.json").unlink()), ["config.json",
                                                                              "missing"]),
@@ -313,14 +314,6 @@ BAD_INPUTS = [
         (ck / "model.safetensors").read_bytes()[:100_000])), ["model.safetensors", "truncated"]),
     ("lying-safetensors-header", _ckpt(lambda ck, t: _lying_header(ck / "model.safetensors")),
      ["model.safetensors", "transformer.wte.weight", "claims shape [512, 128]"]),
-    ("wrong-shape", _ckpt(lambda ck, t: rewrite_weights(ck, _transpose(
-        "transformer.h.0.mlp.c_fc.weight"))),
-     ["model.safetensors", "h.0.mlp.c_fc.weight", "[256, 64]", "[64, 256]"]),
-    ("missing-weight", _ckpt(lambda ck, t: rewrite_weights(ck, _drop(
-        "transformer.h.1.ln_1.bias"))), ["missing weights", "h.1.ln_1.bias"]),
-    ("unexpected-weight", _ckpt(lambda ck, t: rewrite_weights(ck, lambda d: d.update({
-        "transformer.h.7.ln_1.weight": torch.ones(64)}))), ["unexpected weights",
-                                                            "h.7.ln_1.weight"]),
     ("pickled-code-in-bin", _ckpt(lambda ck, t: _bin_with_code(ck, t / "SENTINEL")),
      ["pytorch_model.bin", "pickled"]),
     ("nonexistent-checkpoint", lambda t, c, g: [t / "no-such-dir"],

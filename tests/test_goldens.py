@@ -312,6 +312,7 @@ def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ device classes
+@pytest.mark.cpu_kernels
 def test_goldens_of_other_device_classes_are_skipped_with_the_device_they_need(gdir, monkeypatch):
     src = "gpt2/fast-hf-float16-cpu-emulated.safetensors"
     rel = "gpt2/fast-hf-float16-cuda-sm90.safetensors"
@@ -357,6 +358,7 @@ def test_update_needs_a_reason(gdir, capsys):
 
 # ------------------------------------------------------------------------------ committed goldens
 @pytest.mark.golden
+@pytest.mark.cpu_kernels
 def test_committed_goldens_reproduce(request):
     """The regression test: golden/ as committed reproduces on this machine (goldens of other
     device classes are skipped with their reason). `pytest --update-golden` regenerates them
@@ -414,7 +416,7 @@ def test_foreign_float32_golden_passes_and_a_planted_change_fails(tiny_checkpoin
     assert rows["logits"]["rel"] > tolerance("golden_float32")
     verdict = goldens.summarize_foreign(list(rows.values()))
     assert verdict["verdict"] == "fail" and verdict["detail"].startswith("logits: max rel error")
-    assert verdict["figures"]["worst_site"] == "logits" and verdict["figures"]["failed"] == 1
+    assert verdict["figures"]["worst_site"] == "logits" and verdict["figures"]["sites_failed"] == 1
     assert goldens.summarize_foreign(goldens.check_foreign_golden(good, ck))["verdict"] == "pass"
     assert run_cli(capsys, "check", "--file", good, "--checkpoint", ck)[0] == 0
     rc, out, _ = run_cli(capsys, "check", "--file", bad, "--checkpoint", ck)
