@@ -29,6 +29,7 @@ import pandas as pd
 
 from reference.sites import BLOCK_SITES, block_output_site
 
+from .compare import FAILING, VERDICTS as _VERDICTS
 from .errors import ParityError
 
 DIVERGENCE_COLUMNS = (
@@ -41,7 +42,9 @@ ATTRIBUTION_COLUMNS = (
 # increasing severity, as the engine ranks them: 'overflow' means the reference itself exceeds
 # the dtype's range at a site (no implementation in that dtype can hold it); 'fail' means the
 # subject made an error over budget, non-finite values where the reference fits included
-VERDICTS = ("pass", "warn", "overflow", "fail")
+# (mildest first) plus, from the engine: 'unmeasured' (no floor ratio could be formed: never a
+# pass) and 'not_exposed' (a site the subject does not report; required sites fail instead)
+VERDICTS = _VERDICTS
 SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
 FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
 PNG_DPI = 72              # ~55 kB a figure: 80 subjects (10 figures) take ~0.8 MB
@@ -87,9 +90,22 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
 
     _check_frames(divergence, attribution)
     subj = subject_table(divergence, attribution)
-    verdict = overall_verdict(divergence)
-    table = Table(title=f"gpt-parity: {verdict}", caption=_count_line(subj),
-                  title_style=RICH_STYLE[verdict.lower()])
+    # the title carries the verdict that decides the exit code; stress findings go in the
+    # caption (see _headline_blocks)
+    finding = subj["checkpoint"].isin(FINDINGS_CHECKPOINTS)
+    decide = deciding_rows(divergence)
+    if decide.empty:
+        verdict, title = None, "gpt-parity: no healthy checkpoint compared"
+    else:
+        verdict = overall_verdict(decide)
+        title = f"gpt-parity: {verdict}"
+    caption = _count_line(subj[~finding]) if len(decide) else ""
+    if finding.any():
+        labels = ", ".join(pd.unique(subj.loc[finding, "checkpoint"]).tolist())
+        caption = "; ".join(c for c in (caption, f"findings on {labels} (do not decide the "
+                                                  f"verdict): {_count_line(subj[finding])}") if c)
+    table = Table(title=title, caption=caption,
+                  title_style=RICH_STYLE[verdict.lower()] if verdict else "")
     for col in ("family", "checkpoint", "variant", "dtype", "verdict", "logits floor_ratio",
                 "top1", "first divergent site", "main cause"):
         table.add_column(col, justify="right" if col in ("logits floor_ratio", "top1") else "left")
@@ -107,7 +123,8 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
     return table
 
 
-RICH_STYLE = {"pass": "green", "warn": "bold yellow", "overflow": "bold magenta",
+RICH_STYLE = {"not_exposed": "dim", "unmeasured": "bold red", "pass": "green",
+              "warn": "bold yellow", "overflow": "bold magenta",
               "fail": "bold red"}
 
 
@@ -118,6 +135,45 @@ def overall_verdict(divergence: pd.DataFrame) -> str:
     if divergence.empty:
         raise ParityError("the divergence frame is empty: nothing was compared")
     return _worst(divergence["verdict"].unique()).upper()
+
+
+# Checkpoint labels whose verdicts are findings, not the run's verdict: `parity report`'s stress
+# checkpoints put outlier magnitudes where knobs are meant to matter. Every other checkpoint
+# (`tiny`: healthy magnitudes, where every healthy path must sit at the floor) decides the
+# headline verdict and `parity report`'s exit code (`run_report.exit_code`).
+FINDINGS_CHECKPOINTS = ("stress",)
+
+
+def deciding_rows(divergence: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose verdicts decide the run: those not on a FINDINGS_CHECKPOINTS label."""
+    return divergence[~divergence["checkpoint"].isin(FINDINGS_CHECKPOINTS)]
+
+
+def decides_failure(divergence: pd.DataFrame) -> bool:
+    """Whether the run fails: a deciding row leaves its budget (fail) or cannot be held
+    (overflow: healthy magnitudes must fit the dtype). A warn does not fail the run."""
+    return bool(deciding_rows(divergence)["verdict"].isin(FAILING).any())
+
+
+def _headline_blocks(div: pd.DataFrame, subj: pd.DataFrame) -> list:
+    """The verdict that decides the exit code first; stress findings after it, as findings.
+    A frame without findings checkpoints keeps the single overall verdict."""
+    finding = subj["checkpoint"].isin(FINDINGS_CHECKPOINTS)
+    if not finding.any():
+        return [("verdict", ("Overall verdict", overall_verdict(div), _count_line(subj)))]
+    code = int(decides_failure(div))
+    labels = ", ".join(pd.unique(subj.loc[finding, "checkpoint"]).tolist())
+    found = (f"Findings on the {labels} checkpoints (they do not decide the verdict or the "
+             f"exit code: knobs are meant to matter there): {_count_line(subj[finding])}.")
+    decide = deciding_rows(div)
+    if decide.empty:
+        return [("p", f"No healthy checkpoint was compared, so nothing in this run decides a "
+                      f"verdict (exit code {code})."), ("p", found)]
+    healthy = ", ".join(pd.unique(subj.loc[~finding, "checkpoint"]).tolist())
+    return [("verdict", ("Overall verdict", overall_verdict(decide),
+                         f"on the {healthy} checkpoints, which decide the exit code ({code}): "
+                         f"{_count_line(subj[~finding])}")),
+            ("p", found)]
 
 
 def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None
@@ -163,7 +219,7 @@ def _worst_site(g: pd.DataFrame, verdict: str):
 
 
 def _first_divergent(rows: pd.DataFrame):
-    bad = rows[rows["verdict"] != "pass"]
+    bad = rows[~rows["verdict"].isin(["pass", "not_exposed"])]
     return bad.iloc[0] if len(bad) else None
 
 
@@ -268,11 +324,13 @@ class DocTable:
 
 def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots: bool,
               checks: list[dict] | None = None) -> list:
-    """The report as blocks: ('h1'|'h2'|'h3'|'p'|'verdict', text), ('table', DocTable),
+    """The report as blocks: ('h1'|'h2'|'h3'|'p', text), ('verdict', (label, VERDICT,
+    detail)), ('table', DocTable),
     ('ul', [text]), ('img', (png_bytes, caption)). Markdown and HTML render the same list."""
     blocks: list = [("h1", title)]
     if checks:
-        blocks.append(("verdict", (_checks_verdict(checks), _checks_count(checks))))
+        blocks.append(("verdict", ("Overall verdict", _checks_verdict(checks),
+                                   _checks_count(checks))))
         blocks += [("h2", "Gate checks"), ("table", _checks_table(checks))]
     if div.empty:
         blocks.append(("p", "No layer-by-layer comparison was made in this run."))
@@ -280,7 +338,7 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     subj = subject_table(div, attribution)
     multi_dev = subj[["device", "emulate"]].drop_duplicates().shape[0] > 1
     if not checks:
-        blocks.append(("verdict", (overall_verdict(div), _count_line(subj))))
+        blocks += _headline_blocks(div, subj)
 
     blocks.append(("h2", "At a glance"))
     blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes; "
@@ -367,8 +425,10 @@ def _checks_verdict(checks: list[dict]) -> str:
 
 def _checks_count(checks: list[dict]) -> str:
     n = {v: sum(c["verdict"] == v for c in checks) for v in CHECK_VERDICTS}
+    skipped = [f"{c['check']} not checked: {str(c.get('detail', '')).removeprefix('not run: ')}"
+               for c in checks if c["verdict"] == "skip"]
     return (f"{n['fail']} of {len(checks)} checks fail, {n['warn']} warn, {n['pass']} pass, "
-            f"{n['skip']} skipped")
+            f"{n['skip']} skipped" + "".join(f"; {x}" for x in skipped))
 
 
 def _checks_table(checks: list[dict]) -> DocTable:
@@ -384,7 +444,8 @@ def _checks_table(checks: list[dict]) -> DocTable:
 
 def _count_line(subj: pd.DataFrame) -> str:
     n = {v: int((subj["verdict"] == v).sum()) for v in VERDICTS}
-    return (f"{n['fail']} of {len(subj)} subjects fail, {n['overflow']} overflow, "
+    unmeasured = f", {n['unmeasured']} unmeasured" if n["unmeasured"] else ""
+    return (f"{n['fail']} of {len(subj)} subjects fail, {n['overflow']} overflow{unmeasured}, "
             f"{n['warn']} warn, {n['pass']} pass")
 
 
@@ -481,7 +542,11 @@ def _why_blocks(attribution, subj: pd.DataFrame) -> list:
                                  na_position="last").to_dict("records")
             vs = "the reference" if target == "reference" else target
             items = [attribution_sentence(r) for r in recs if _visible(r)]
-            quiet = [_attr_flip(r) for r in recs if not _visible(r)]
+            # one entry per knob: a flip measured at the logits and again at the first
+            # divergent site is one knob, and one visible anywhere is not "no visible effect"
+            loud = {_attr_flip(r) for r in recs if _visible(r)}
+            quiet = list(dict.fromkeys(_attr_flip(r) for r in recs
+                                       if _attr_flip(r) not in loud))
             if quiet:
                 items.append(f"no visible effect (under 0.5% each): {', '.join(quiet)}")
             blocks.append(("p", f"{fam} / {ckpt} / {var} / {dt} vs {vs}:"))
@@ -631,7 +696,7 @@ def render_markdown(div, attribution, run, title, checks=None) -> str:
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + body)
         elif kind == "verdict":
-            out.append(f"**Overall verdict: {body[0]}** — {body[1]}.")
+            out.append(f"**{body[0]}: {body[1]}** — {body[2]}.")
         elif kind == "p":
             out.append(body)
         elif kind == "ul":
@@ -679,8 +744,8 @@ def render_html(div, attribution, run, title, checks=None) -> str:
         if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(body)}</{kind}>")
         elif kind == "verdict":
-            out.append(f'<p><span class="verdict {e(body[0])}">Overall verdict: '
-                       f"<b>{e(body[0])}</b></span> {e(body[1])}.</p>")
+            out.append(f'<p><span class="verdict {e(body[1])}">{e(body[0])}: '
+                       f"<b>{e(body[1])}</b></span> {e(body[2])}.</p>")
         elif kind == "p":
             out.append(f"<p>{e(body)}</p>")
         elif kind == "ul":

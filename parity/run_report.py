@@ -144,5 +144,9 @@ def first_sites(df: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 
 def exit_code(div: pd.DataFrame) -> int:
-    tiny = div[div["checkpoint"] == "tiny"]
-    return 1 if tiny["verdict"].isin(["fail", "overflow"]).any() else 0
+    """1 when a subject on a healthy (`tiny`) checkpoint fails or overflows, else 0: the same
+    rule as the report's headline verdict (`report.decides_failure`); stress findings do not
+    count."""
+    from .report import decides_failure
+
+    return 1 if decides_failure(div) else 0

@@ -30,7 +30,9 @@ from reference.config import ModelConfig
 FAMILIES = reference.FAMILIES
 
 # Head dims include non-powers of two (3, 5, 6, 12) so that 1/sqrt(hd) is not exact, and 1.
-HEAD_DIMS = (1, 2, 3, 4, 5, 6, 8, 12)
+# 16 is the one head dim that reaches VERDICT_MIN_WIDTH alone: without it the verdict-grade
+# models (width >= 16) could never have a single head.
+HEAD_DIMS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 MIN_WIDTH, MAX_WIDTH = 4, 48
 ACTIVATIONS = {
     "openai-gpt": ("gelu", "relu", "silu"),  # OpenAI GPT's "afn" ("gelu" is the tanh form)
@@ -131,7 +133,7 @@ def token_ids(vocab_size: int) -> st.SearchStrategy[int]:
 @st.composite
 def token_batches(draw, cfg: ModelConfig | dict, min_len: int = 1, max_len: int = 12,
                   max_batch: int = 3, padding: bool | None = None,
-                  min_real: int = 1) -> TokenBatch:
+                  min_real: int = 1, min_batch: int = 1) -> TokenBatch:
     """A batch of rows of length T <= min(max_len, n_positions).
 
     padding=None draws one of: no mask, an all-ones mask, or left padding (each row a drawn
@@ -139,12 +141,12 @@ def token_batches(draw, cfg: ModelConfig | dict, min_len: int = 1, max_len: int 
     position_ids counting each row's real tokens from 0, pads at 1 as HF's generate() does).
     padding=True forces at least one padded row when T > 1; padding=False gives no mask.
     Without padding, position_ids are None or the explicit default 0..T-1. `min_real` is the
-    fewest real tokens of a padded row (at most min_len).
+    fewest real tokens of a padded row (at most min_len). `min_batch` is the fewest rows.
     """
     cfg = as_config(cfg)
     max_len = min(max_len, cfg.n_positions)
     t = draw(st.integers(min_len, max_len))
-    b = draw(st.integers(1, max_batch))
+    b = draw(st.integers(min_batch, max(min_batch, max_batch)))
     ids = np.array(draw(st.lists(st.lists(token_ids(cfg.vocab_size), min_size=t, max_size=t),
                                  min_size=b, max_size=b)), dtype=np.int64)
     mode = ("padded" if padding else "none") if padding is not None else draw(
@@ -174,8 +176,9 @@ VERDICT_MIN_TOKENS = 4  # real tokens per row (scores then hold >= 10 visible pa
 
 
 def verdict_configs(family: str | None = None, **kw) -> st.SearchStrategy[dict]:
-    """`configs()` with at least VERDICT_MIN_WIDTH hidden features and MLP units (one head of
-    16 or many heads of 1..3 dims, non-power-of-two head dims still drawn), depth 1..4."""
+    """`configs()` with at least VERDICT_MIN_WIDTH hidden features and MLP units: one to three
+    heads of 16 dims, or up to 16 heads of 1..12 dims (non-power-of-two head dims still drawn),
+    depth 1..4."""
     kw.setdefault("min_width", VERDICT_MIN_WIDTH)
     kw.setdefault("min_inner", VERDICT_MIN_WIDTH)
     kw.setdefault("min_positions", VERDICT_MIN_TOKENS)

@@ -1,4 +1,4 @@
-"""`parity/metrics.py` against hand-computed cases, and the rounding floor against itself.
+"""`parity/metrics.py` against hand-computed cases, and subjects judged in units of the floor.
 
 Every expected figure below is worked out by hand in the test (the arithmetic is written out, not
 produced by the code under test). ULP distances are counted from the bit layout of the formats:
@@ -233,22 +233,37 @@ def test_masked_score_fill_values_do_not_count():
 # ----------------------------------------------------------------------------- the floor
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("family", reference.FAMILIES)
-def test_the_rounding_floor_has_floor_ratio_one(tiny_checkpoints, family, dtype):
-    """The floor, compared as a subject against the reference with the same floor, sits at
-    floor_ratio exactly 1 at every site (0/0 counts as 1 where the floor is exact)."""
+def test_floor_ratio_counts_errors_in_units_of_the_rounding_floor(tiny_checkpoints, family,
+                                                                   dtype):
+    """make_records judges a subject against the floor, not the floor against itself (which
+    is 1 by construction): a subject with twice the floor's error at every element sits at
+    floor_ratio 2 at every site, the reference itself at 0, and the floor carries a rounding
+    error of the dtype's size (a fraction of an ulp to a few ulps per element) where the model
+    starts (the embedding: one rounding of rounded weights)."""
     ckpt = load_checkpoint(tiny_checkpoints[family])
     cfg, weights = ckpt.config, ckpt.weights()
     inputs = default_batch(cfg, 12, seed=1)
     args = (cfg, weights, inputs.input_ids, inputs.attention_mask, inputs.position_ids)
     ref = reference.forward(*args)
     floor = reference.forward(*args, floor=dtype)
-    recs = make_records(ref.sites, floor.sites, floor.sites, floor.dtypes, token_rows(inputs),
-                        B.load_policy(), mode="accumulated", family=family, label="tiny",
-                        variant="floor", dtype=dtype, subject_dtype=dtype, device="cpu",
-                        emulate=False)
+    fp64 = {s: "float64" for s in ref.sites}     # the doubled error is no longer on the grid
+
+    def judge(sub):
+        return make_records(ref.sites, sub, floor.sites, fp64, token_rows(inputs),
+                            B.load_policy(), mode="accumulated", family=family, label="tiny",
+                            variant="probe", dtype=dtype, subject_dtype=dtype, device="cpu",
+                            emulate=False)
+
+    with np.errstate(invalid="ignore"):          # -inf - -inf at masked scores: not compared
+        doubled = {s: np.where(np.isfinite(r), r + 2 * (floor.sites[s] - r), r)
+                   for s, r in ref.sites.items()}
+    recs = judge(doubled)
     assert [r["site"] for r in recs] == list(ref.sites)
-    assert all(r["floor_ratio"] == 1.0 for r in recs), [
-        (r["site"], r["floor_ratio"]) for r in recs if r["floor_ratio"] != 1.0]
-    assert {r["verdict"] for r in recs} == {"pass"}
-    # and the floor is not the reference: it carries the dtype's rounding error
     assert all(r["floor_rel_l2"] > 0 for r in recs)
+    ratios = np.array([r["floor_ratio"] for r in recs])
+    assert np.allclose(ratios, 2.0, rtol=1e-9, atol=0), dict(zip(ref.sites, ratios))
+    assert {r["verdict"] for r in judge(dict(ref.sites))} == {"pass"}
+    assert all(r["floor_ratio"] == 0.0 for r in judge(dict(ref.sites)))
+    u = 2.0 ** -(np.finfo(np.float16).nmant + 1 if dtype == "float16" else 8)  # unit roundoff
+    embed = recs[0]
+    assert embed["site"] == "embed" and u / 16 < embed["floor_rel_l2"] < 4 * u, embed

@@ -106,13 +106,40 @@ def test_verdict_grade_strategies_draw_what_they_promise(data):
     assert real >= VERDICT_MIN_TOKENS
     subjects = data.draw(subject_specs(), label="subjects")
     assert 1 <= len(subjects) <= 3 and set(subjects) <= set(SUBJECTS)
-    assert len(set(SUBJECTS)) == 2 * len(FAST) + 1
     sc = data.draw(scales(5), label="scales")
     assert set(sc) == set(S.SCALE_GROUPS)
     assert all(v in [2**k for k in range(6)] for v in sc.values())
     n = data.draw(st.integers(1, 5), label="shards")
     i = data.draw(st.integers(0, n - 1), label="shard")
     assert data.draw(recipe_seeds(i, n), label="seed") % n == i
+
+
+@pytest.mark.parametrize("family", reference.FAMILIES)
+def test_verdict_grade_models_span_one_to_sixteen_heads(family):
+    """The false-alarm property's "one to 16 heads" (README) is drawable for every family:
+    Hypothesis finds a single-head model and a 16-head one (find raises if it cannot)."""
+    from hypothesis import find
+
+    heads = lambda raw: reference.parse_config(raw).n_head  # noqa: E731
+    one = find(verdict_configs(family=family), lambda raw: heads(raw) == 1)
+    assert reference.parse_config(one).d_model >= VERDICT_MIN_WIDTH
+    # GPT-J's rotary needs head dims >= 2: at most 8 heads (of 2) there
+    most = 8 if family == "gptj" else 16
+    assert heads(find(verdict_configs(family=family), lambda raw: heads(raw) >= most)) == most
+
+
+def test_subject_specs_draw_every_subject_of_the_properties():
+    """tests/strategies.subject_specs and this module's SUBJECTS are built separately; every
+    preset x half dtype, and fp32 once, must be drawable (a list of all of them is)."""
+    every = find_all_subjects()
+    assert set(every) == set(SUBJECTS) and len(every) == len(SUBJECTS) == 2 * len(FAST) + 1
+
+
+def find_all_subjects():
+    from hypothesis import find
+
+    n = 2 * len(FAST) + 1
+    return find(subject_specs(min_size=n, max_size=n), lambda specs: True)
 
 
 # ----------------------------------------------------------------------------- false alarms

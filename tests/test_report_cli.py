@@ -57,6 +57,20 @@ def test_report_writes_the_four_files_and_exits_0(runs):
         assert str(out) in stdout
 
 
+def test_the_summary_leads_with_the_verdict_that_decides_the_exit_code(runs):
+    """A run that exits 0 says PASS first (the healthy tiny checkpoint); the stress
+    checkpoint's failures (hf fp16 overflows q.k^T) follow as findings, not as the verdict."""
+    rc, out, stdout = runs[0]
+    paras = (out / "summary.md").read_text().split("\n\n")
+    assert rc == 0
+    assert paras[1].startswith("**Overall verdict: PASS** — on the tiny checkpoints, which "
+                               "decide the exit code (0): 0 of 2 subjects fail")
+    assert paras[2].startswith("Findings on the stress checkpoints (they do not decide the "
+                               "verdict or the exit code")
+    assert "1 of 2 subjects fail" in paras[2]
+    assert "gpt-parity: PASS" in stdout and "gpt-parity: FAIL" not in stdout
+
+
 def test_csv_parses_and_is_the_comparison_frame(runs):
     df = pd.read_csv(runs[0][1] / "divergence.csv")
     assert list(df.columns) == COLUMNS

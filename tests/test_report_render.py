@@ -307,7 +307,13 @@ def test_bad_frames_raise(frames, tmp_path):
 def test_summary_md_verdict_and_first_divergent_sites(rendered, frames):
     div, _ = frames
     md = rendered[1]["summary.md"].read_text()
-    assert "**Overall verdict: FAIL**" in md
+    # every synthetic subject is on a stress checkpoint: findings, and no verdict that decides
+    assert "Overall verdict" not in md
+    assert "No healthy checkpoint was compared, so nothing in this run decides a verdict " \
+           "(exit code 0)." in md
+    assert ("Findings on the stress checkpoints (they do not decide the verdict or the exit "
+            "code: knobs are meant to matter there): 3 of 8 subjects fail, 0 overflow, 1 warn, "
+            "4 pass.") in md
     tables = md_tables(md)
     row, = find_row(tables, ["first divergent (local)"], **subject_match(FAIL_SUBJECT))
     assert row["first divergent (accumulated)"] == f"{WARN_FROM_ACC} (warn)"
@@ -402,7 +408,7 @@ def test_attribution_sentence_in_both_documents(rendered, frames):
 
 
 def test_verdict_follows_the_worst_row(tmp_path):
-    keys = subjects(families=("gptj",), variants=("hf",))      # nothing planted there
+    keys = subjects(families=("gptj",), checkpoints=("tiny",), variants=("hf",))  # no plants
     clean = divergence_frame(keys)
     assert report.overall_verdict(clean) == "PASS"
     md = report.render_markdown(clean, None, RUN, TITLE)
@@ -416,6 +422,74 @@ def test_verdict_follows_the_worst_row(tmp_path):
     failed = overflowed.copy()
     failed.loc[failed.index[1], "verdict"] = "fail"
     assert report.overall_verdict(failed) == "FAIL"
+
+
+def relabel(div, keys, checkpoint):
+    """`div` with the subjects `keys` moved to another checkpoint label."""
+    out = div.copy()
+    for fam, ckpt, var, dt in keys:
+        hit = ((out.family == fam) & (out.checkpoint == ckpt) & (out.variant == var)
+               & (out.dtype == dt))
+        out.loc[hit, "checkpoint"] = checkpoint
+    return out
+
+
+@pytest.mark.parametrize("tiny,verdict,code,tiny_counts,stress_counts", [
+    ((PASS_SUBJECT, ("gpt_neo", CKPT, "hf", "fp16")), "PASS", 0, (0, 0, 0, 2), (3, 0, 1, 2)),
+    ((PASS_SUBJECT, WARN_SUBJECT), "WARN", 0, (0, 0, 1, 1), (3, 0, 0, 3)),
+    ((PASS_SUBJECT, FAIL_SUBJECT), "FAIL", 1, (1, 0, 0, 1), (2, 0, 1, 3)),
+    ((PASS_SUBJECT, OVERFLOW_SUBJECT), "FAIL", 1, (1, 0, 0, 1), (2, 0, 1, 3)),  # then non-finite
+])
+def test_the_headline_is_the_verdict_that_decides_the_exit_code(frames, tiny, verdict, code,
+                                                                 tiny_counts, stress_counts):
+    """`parity report`'s healthy `tiny` checkpoints decide the headline and the exit code; the
+    stress checkpoints' verdicts follow as findings, never as the overall verdict (the old
+    headline said FAIL on a run that exits 0)."""
+    from parity.run_report import exit_code
+
+    def counts(n, total):
+        return f"{n[0]} of {total} subjects fail, {n[1]} overflow, {n[2]} warn, {n[3]} pass"
+
+    div, attr = frames
+    mixed = relabel(div, tiny, "tiny")
+    assert exit_code(mixed) == code
+    md = report.render_markdown(mixed, attr, RUN, TITLE)
+    paras = md.split("\n\n")
+    assert paras[1] == (f"**Overall verdict: {verdict}** — on the tiny checkpoints, which decide "
+                        f"the exit code ({code}): {counts(tiny_counts, 2)}.")
+    assert paras[2] == ("Findings on the stress checkpoints (they do not decide the verdict or "
+                        "the exit code: knobs are meant to matter there): "
+                        f"{counts(stress_counts, 6)}.")
+    assert md.count("Overall verdict") == 1
+    page = report.render_html(mixed, attr, RUN, TITLE)
+    assert f'<span class="verdict {verdict}">Overall verdict: <b>{verdict}</b></span> on the ' \
+           f"tiny checkpoints, which decide the exit code ({code})" in page
+    # the terminal table's title carries the same verdict, the findings its caption
+    from rich.console import Console
+    console = Console(record=True, width=300, color_system=None)
+    console.print(report.terminal_summary(mixed, attr))
+    text = console.export_text()
+    assert text.splitlines()[0].strip() == f"gpt-parity: {verdict}"
+    assert "findings on stress (do not decide the verdict)" in text
+
+
+def test_a_knob_measured_twice_is_listed_once(frames):
+    """The report measures each knob at the logits and again at the first divergent site: a
+    knob without visible effect at either is named once in the 'no visible effect' line, and
+    one visible at either site is not named there at all."""
+    div, attr = frames
+    twice = attr.copy()
+    twice["site"] = "logits"
+    at_site = twice[twice["target"] == "reference"].assign(site=FAIL_AT)
+    # at the first divergent site the gelu flip is visible, the scores' flip still is not
+    at_site.loc[at_site["knob"] == "layernorm", "share"] = 0.001
+    md = report.render_markdown(div, pd.concat([twice, at_site], ignore_index=True), RUN,
+                                TITLE)
+    line, = [ln for ln in md.splitlines() if ln.startswith("- no visible effect")
+             and "attn_scores" in ln]
+    assert line == "- no visible effect (under 0.5% each): attn_scores=baddbmm->matmul"
+    # layernorm is visible at the logits (-25%), so it is not "no visible effect" anywhere
+    assert "layernorm=fp32->native" not in line
 
 
 def test_missing_local_mode_is_not_a_clean_local(frames):
@@ -505,9 +579,13 @@ def test_terminal_summary(frames):
     assert table.row_count == len(subjects())
     console = Console(record=True, width=220, color_system=None)
     console.print(table)
-    lines = console.export_text().splitlines()
+    text = console.export_text()
+    lines = text.splitlines()
     fail_line, = [ln for ln in lines if all(w in ln.split() for w in ("gpt2", "meg", "fp16"))]
     assert "FAIL" in fail_line and FAIL_AT in fail_line and WARN_FROM_ACC in fail_line
     assert "gelu=jit->erf" in fail_line
-    assert "FAIL" in lines[0]
+    # only stress subjects: findings, no verdict in the title
+    assert lines[0].strip() == "gpt-parity: no healthy checkpoint compared"
+    assert "findings on stress (do not decide the verdict): 3 of 8 subjects fail" in \
+        text.replace("\n", " ").replace("  ", " ")
     assert report.terminal_summary(div, attr, problems_only=True).row_count == len(PLANTED)
