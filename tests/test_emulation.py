@@ -234,6 +234,43 @@ def test_layer_norm_reduces_in_fp32_and_rounds_once(dt, fp32_knob):
 
 
 @pytest.mark.parametrize("dt", HALVES)
+def test_layernorm_knob_paths(dt, monkeypatch):
+    """Which LayerNorm kernel each `layernorm` knob reaches. Under emulation both values run
+    the same fp32 LayerNorm (CUDA's half kernel is fp32 inside: EMULATION.md), so comparing
+    the two knob values with each other on a CPU shows nothing; what can fail is that each one
+    equals the float64 LayerNorm rounded once (test above) and that the paths split where they
+    should: with native CPU half kernels `native` hands the half tensor to torch and `fp32`
+    upcasts x, gamma and beta first, giving the emulation's values bitwise."""
+    import torch.nn.functional as F
+
+    from parity import fast
+
+    seen, real = [], F.layer_norm
+    monkeypatch.setattr(fast.F, "layer_norm",
+                        lambda x, *a, **k: seen.append((x.dtype, a[1].dtype)) or real(x, *a, **k))
+    rng = np.random.default_rng(11)
+    x = halves(rng, (16, 96), dt)
+    w, b = round_to(1 + 0.2 * rng.normal(size=96), dt), round_to(0.1 * rng.normal(size=96), dt)
+    half = torch.float16 if dt == "float16" else torch.bfloat16
+    emulated, native = emu(dt), Numerics(dt, "cpu", emulate=False)
+    assert not native.emulate and native.phys == half
+    got = {}
+    for name, num in (("emulated", emulated), ("native", native)):
+        for knob in (False, True):
+            seen.clear()
+            y = num.layer_norm(t(x).to(num.phys), t(w).to(num.phys), t(b).to(num.phys), 1e-5,
+                               fp32=knob)
+            assert y.dtype == num.phys
+            got[name, knob] = (seen[0], out(y))
+    f32 = (torch.float32, torch.float32)
+    assert got["emulated", False][0] == got["emulated", True][0] == f32
+    assert got["native", False][0] == (half, half)      # torch's own half kernel
+    assert got["native", True][0] == f32                 # Megatron's upcast
+    assert np.array_equal(got["native", True][1], got["emulated", True][1])
+    assert np.array_equal(got["emulated", False][1], got["emulated", True][1])
+
+
+@pytest.mark.parametrize("dt", HALVES)
 def test_softmax_reduces_in_fp32_and_rounds_once(dt):
     from reference.ops import softmax
 
