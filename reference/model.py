@@ -46,6 +46,7 @@ class Context:
     present: list = field(default_factory=list)
     rnd: Callable[[np.ndarray], np.ndarray] = ops.identity
     floor_sites: Mapping | None = None  # floor mode: per-site dtype where it differs
+    floor_dtype: str | None = None  # floor mode: the target dtype (GEMMs follow ops.floor_matmul)
     last_logits: np.ndarray | None = None
     _visible: dict = field(default_factory=dict)
 
@@ -70,7 +71,11 @@ class Context:
         """x @ W (transpose=False, Conv1D [in, out]) or x @ W^T (nn.Linear [out, in]).
         One place, so that a streaming context can read W in chunks."""
         w = self.W[name]
-        return x @ (w.T if transpose else w)
+        return self.mm(x, w.T if transpose else w)
+
+    def mm(self, a, b) -> np.ndarray:
+        """A GEMM: exact in float64, or as the floor's dtype accumulates (ops.floor_matmul)."""
+        return ops.floor_matmul(a, b, self.floor_dtype)
 
     def conv1d(self, x, prefix):
         """HF Conv1D: weight [in, out]; y = x W + b (one GEMM, one rounding)."""
@@ -111,11 +116,12 @@ class Context:
             k = np.concatenate([pk, k], axis=2)
             v = np.concatenate([pv, v], axis=2)
         self.present.append((k, v))
-        scores = self.round_site(p + "scores", scale * (q @ k.transpose(0, 1, 3, 2)))  # (B,H,T,Tk)
+        kt = k.transpose(0, 1, 3, 2)
+        scores = self.round_site(p + "scores", scale * self.mm(q, kt))  # (B,H,T,Tk)
         scores = np.where(self.visible(i), scores, -np.inf)
         self.rec(p + "scores", scores)
         probs = self.site(p + "probs", ops.softmax(scores, axis=-1))
-        context = self.site(p + "context", ops.merge_heads(self.rnd(probs @ v)))
+        context = self.site(p + "context", ops.merge_heads(self.rnd(self.mm(probs, v))))
         return context
 
 
@@ -176,6 +182,7 @@ def make_context(
         past=past,
         rnd=rnd,
         floor_sites=dict(floor_sites or {}) if floor is not None else None,
+        floor_dtype=None if floor is None else dtype,
         **context_fields,
     )
     return ctx, trace

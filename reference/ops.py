@@ -179,3 +179,24 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def identity(x: np.ndarray) -> np.ndarray:
     return x
+
+
+# Accumulation dtype of the rounding floor's GEMMs, per floor dtype. A half-precision GEMM
+# accumulates in fp32, whose error is far below a half ulp: the floor takes the exact float64
+# product and rounds it once (no entry). An fp32 GEMM accumulates in fp32, the output's own
+# precision — there is no wider accumulator to round once from, and its error grows with the
+# reduction length K (about sqrt(K/2) half-ulps for a running sum). The best an fp32
+# implementation can do is therefore the product of its fp32 operands computed in fp32
+# arithmetic: the floor runs that GEMM (NumPy's sgemm, FMA-based and K-blocked, i.e. among the
+# more accurate fp32 kernels) and then applies the same single rounding as ever.
+GEMM_ACCUMULATION = {"float32": np.float32}
+
+
+def floor_matmul(a: np.ndarray, b: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    """a @ b as the rounding floor of `dtype` computes it (float64 result): exact float64 for
+    half dtypes (and the float64 reference); for float32, float32 operands multiplied and
+    accumulated in float32 (see GEMM_ACCUMULATION)."""
+    acc = GEMM_ACCUMULATION.get(DTYPE_ALIASES.get(dtype, dtype)) if dtype else None
+    if acc is None:
+        return a @ b
+    return (np.asarray(a).astype(acc) @ np.asarray(b).astype(acc)).astype(np.float64)
