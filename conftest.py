@@ -11,6 +11,9 @@ MARKERS = {
     "gpu": "needs a CUDA device; excluded by default (run with --device cuda -m gpu)",
     "hf": "needs the optional transformers extra (skipped with a reason when missing)",
     "golden": "golden-file regression checks",
+    "cpu_kernels": ("expectation depends on torch's native CPU kernels; CI reruns these under "
+                    "ATEN_CPU_CAPABILITY=avx2 and default, without oneDNN half GEMMs "
+                    "(benchmarks/cpu_capabilities.py)"),
 }
 
 settings.register_profile(

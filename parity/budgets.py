@@ -41,6 +41,29 @@ def tolerance(name: str, kind: str | None = None, path: str | None = None) -> fl
     return float(t[kind])
 
 
+def cpu_capability() -> str:
+    """torch's CPU kernel level, lowercased: `default`, `avx2`, `avx512` on x86-64 (lowered with
+    ATEN_CPU_CAPABILITY=default|avx2|avx512); other platforms report other names."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def cpu_tolerance(name: str, kind: str | None = None, capability: str | None = None,
+                  path: str | None = None) -> float:
+    """A tolerance whose value depends on torch's native CPU kernels: the entry's
+    `[tolerances.<name>.by_cpu.<capability>]` value where one is given for `capability`
+    (default: this process's, `cpu_capability()`), else the entry's own value, which holds on
+    every measured level (budgets.toml gives the figures per level)."""
+    t = load(path).get("tolerances", {}).get(name)
+    if t is None:
+        raise KeyError(f"no tolerance {name!r} in the budgets file")
+    level = (t.get("by_cpu") or {}).get(capability or cpu_capability(), {})
+    if kind is not None and kind in level:
+        return float(level[kind])
+    return tolerance(name, kind, path)
+
+
 # ----------------------------------------------------------------------------- verdict budgets
 VERDICT_KEYS = ("floor_ratio_warn", "floor_ratio_fail", "top1_min", "kl_max")
 # a float64 subject has no rounding floor to be measured against: its limit is a plain rel_l2
@@ -50,6 +73,7 @@ OPTIONAL_KEYS = ("rel_l2_max",)
 # must expose (globs; `block-outputs` = every block's output stream) and the checks that may
 # not be skipped (e.g. "tokenizer" for a release that ships tokenizer files)
 DEFAULT_GATE = {"require_sites": ["logits", "block-outputs"], "require": []}
+GATE_CHECKS = ("structure", "tokenizer", "golden", "subject", "determinism")
 MATCH_KEYS = ("family", "variant", "site", "dtype", "mode", "checkpoint")
 
 
@@ -103,6 +127,10 @@ def validate_policy(data: dict, source: str) -> None:
         v = gate.get(k, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ParityError(f"{source}: [gate] {k} must be a list of strings, got {v!r}")
+    unknown = [r for r in gate.get("require", []) if r not in GATE_CHECKS]
+    if unknown:
+        raise ParityError(f"{source}: [gate] require names unknown checks {', '.join(unknown)} "
+                          f"(known: {', '.join(GATE_CHECKS)})")
 
 
 def _check_numbers(t: dict, where: str) -> None:

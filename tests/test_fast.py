@@ -10,7 +10,7 @@ import torch
 
 import reference
 from parity import fast
-from parity.budgets import tolerance
+from parity.budgets import cpu_tolerance, tolerance
 from parity.checkpoint import load_checkpoint
 from parity.errors import ParityError
 from parity.inputs import Inputs, default_batch
@@ -280,6 +280,7 @@ def test_gpt_neo_local_layers_keep_their_window(ckpts, variant, dtype):
 
 
 # ----------------------------------------------------------------------------- emulation vs CPU
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_emulation_agrees_with_native_cpu_half_within_a_few_ulps(ckpts, family, dtype):
@@ -290,10 +291,11 @@ def test_emulation_agrees_with_native_cpu_half_within_a_few_ulps(ckpts, family, 
     emu, nat = lockstep(ck, "hf", dtype, dict(emulate=True), dict(emulate=False), inp)
     assert emu.meta["emulate"] == "on" and nat.meta["emulate"] == "off"
     rows = token_rows(inp)
-    ulps = tolerance("emulated_vs_native_cpu", "ulps")
+    ulps = cpu_tolerance("emulated_vs_native_cpu", "ulps")
     shares = {s: ulp_share(emu.sites[s], nat.sites[s], dtype, valid(s, emu.sites[s], rows) &
                            (emu.sites[s] > -1e30), ulps) for s in emu.sites}
-    low = {s: v for s, v in shares.items() if v < tolerance("emulated_vs_native_cpu", "min_share")}
+    low = {s: v for s, v in shares.items()
+           if v < cpu_tolerance("emulated_vs_native_cpu", "min_share")}
     assert not low, low
 
 
