@@ -168,7 +168,7 @@ def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str,
     if m["nonfinite"]:
         return "fail", _join(f"{m['nonfinite']} non-finite values where the reference is finite "
                              f"(max |x| {m['ref_max_abs']:.3g}, headroom {m['headroom']:.3g})",
-                             where(math.inf, "the reference's finite range"))
+                             where(math.inf, "the dtype's range (non-finite)"))
     if dtype == "float64":
         tol = budget.rel_l2_max
         if not m["rel_l2"] <= tol:

@@ -202,7 +202,7 @@ def over_limit(y: np.ndarray, r: np.ndarray, valid: np.ndarray, scale: float) ->
         err = np.where(valid, np.abs(y - r), -1.0)
     err = np.where(valid & ~np.isfinite(y), np.inf, err)
     total = int(valid.sum())
-    over = int((err > scale).sum())
+    over = int(((err > scale) | np.isinf(err)).sum())  # a non-finite subject value is over
     idx = np.unravel_index(int(np.argmax(err)), err.shape) if err.size else ()
     return {"over": over, "total": total, "index": tuple(int(i) for i in idx),
             "subject": float(y[idx]) if err.size else math.nan,
