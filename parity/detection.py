@@ -17,8 +17,29 @@ budgets are the shipped ones, unchanged: the table measures them, it does not tu
 Per mutant x family x dtype the table gives: which checks catch it, the first divergent site in
 local mode of the catching check (it must be a site of the planted op, in the planted layer),
 that site's verdict and floor ratio, and whether the mutant is only flagged (`warn`). Written to
-`reports/detection/detection.md` and `detection.csv` (or `--out DIR`). Exit 1 when a mutant
-survives every check or is pinned on the wrong site.
+`reports/detection/detection.md` and `detection.csv` (or `--out DIR`).
+
+Each row gets an `outcome` (`outcome()`); the exit code is 1 when any row's outcome is a failure,
+0 otherwise (`exit_code()`):
+
+  killed                      a check catches it, pinned on a site of the planted op: fine
+  flagged below the budget    no check catches it, but it is flagged `warn`, pinned, and its floor
+                              ratio there is finite and at most the fail budget, in a dtype where
+                              the catalogue does not promise a kill (every dtype but MUST_KILL):
+                              the bug is smaller than the budget can see (e.g. LayerNorm's unbiased
+                              variance in bf16, whose floor is 8x fp16's). Reported, not a failure
+  wrong pin      (failure)    caught or flagged, but the first divergent site (local mode) is not
+                              a site of the planted op in the planted layer
+  survivor       (failure)    not caught, and either no check flags it at all, or its floor ratio
+                              at the planted site exceeds the fail budget or is not a number, or
+                              the dtype is one of MUST_KILL (fp16: every catalogued bug is more
+                              than 8x fp16's floor, tests/test_detection.py holds each to a kill)
+  false alarm    (failure)    the healthy twin fails (`fail`/`overflow`) a check on the tiny
+                              checkpoint (layers, cache, batch): the budgets flag healthy code. On
+                              the stress checkpoint a healthy failure is a known finding (HF
+                              GPT-2's raw q.k^T); that check counts as n/a for the mutant.
+
+The documented run (fp16 46/46 killed; bf16 39/45 killed, 6 flagged below the budget) exits 0.
 """
 from __future__ import annotations
 
@@ -37,9 +58,14 @@ if TYPE_CHECKING:  # pandas is imported when a table is made, not when the CLI b
 CHECKS = ("layers", "cache", "batch", "stress")
 LENGTH = {"tiny": 16, "stress": 24}  # stress: longer than GPT-Neo's window of 8
 COLUMNS = ["mutant", "family", "dtype", "bug", "planted", "check", "caught_by", "first_site",
-           "verdict", "floor_ratio", "kill_site", "pinned", "killed", "flagged",
-           "healthy_fails"]
+           "verdict", "floor_ratio", "budget_fail", "kill_site", "pinned", "killed", "flagged",
+           "healthy_fails", "outcome"]
 BAD = ("fail", "overflow")
+TINY_CHECKS = ("layers", "cache", "batch")  # a healthy failure there is a false alarm
+# dtypes where every catalogued bug must be killed: each is more than 8x fp16's rounding floor
+# (smallest, LayerNorm's unbiased variance: floor ratio 15-23 in fp16)
+MUST_KILL = ("float16",)
+OK_OUTCOMES = ("killed", "flagged below the budget")
 
 
 class Bench:
@@ -100,6 +126,8 @@ def assess(spec, family: str, dtype: str, bench: Bench) -> dict:
     check = spec.check if spec.check in caught else (caught or flagged or [spec.check])[0]
     first = C.first_divergent(mutant[check], "local") if check not in healthy_fails else None
     row = first.iloc[0] if first is not None and len(first) else None
+    budget_fail = (math.nan if row is None
+                   else float(mutant[check].loc[first.index[0], "budget_fail"]))
     kill = None
     if caught:
         m = mutant[check]
@@ -116,12 +144,45 @@ def assess(spec, family: str, dtype: str, bench: Bench) -> dict:
         "first_site": "" if row is None else row["site"],
         "verdict": "" if row is None else row["verdict"],
         "floor_ratio": math.nan if row is None else float(row["floor_ratio"]),
+        "budget_fail": budget_fail,
         "kill_site": "" if kill is None else f"{kill['site']} ({kill['verdict']}, {kill['mode']})",
         "pinned": row is not None and row["site"] in expected,
         "killed": bool(caught),
         "flagged": bool(caught or flagged),
         "healthy_fails": ", ".join(healthy_fails),
+        "outcome": "",  # set by outcome() once the row is complete
     }
+
+
+def _checks(text) -> set[str]:
+    return {c.strip() for c in text.split(",") if c.strip()} if isinstance(text, str) else set()
+
+
+def outcome(r) -> str:
+    """The outcome of one row (a mapping with COLUMNS): see the module's docstring."""
+    get = r.get
+    false_alarm = sorted(_checks(get("healthy_fails")) & set(TINY_CHECKS))
+    if false_alarm:
+        return f"false alarm (healthy fails {', '.join(false_alarm)})"
+    killed, flagged, pinned = bool(get("killed")), bool(get("flagged")), bool(get("pinned"))
+    if (killed or flagged) and not pinned:
+        return "wrong pin"
+    if killed:
+        return "killed"
+    if not flagged:
+        return "survivor (no check flags it)"
+    fr, budget = (math.nan if get(k) is None else float(get(k))
+                  for k in ("floor_ratio", "budget_fail"))
+    if get("dtype") in MUST_KILL:
+        return f"survivor (only warn in {get('dtype')}, where every mutant must be killed)"
+    if not (math.isfinite(fr) and math.isfinite(budget) and fr <= budget):
+        return f"survivor (floor ratio {_num(fr)} not within the fail budget {_num(budget)})"
+    return "flagged below the budget"
+
+
+def failed(df: "pd.DataFrame") -> "pd.DataFrame":
+    """The rows whose outcome fails the command."""
+    return df[[outcome(r) not in OK_OUTCOMES for r in df.to_dict("records")]]
 
 
 def detection_table(families=None, dtypes=("float16", "bfloat16"), mutants=None,
@@ -152,7 +213,9 @@ def detection_table(families=None, dtypes=("float16", "bfloat16"), mutants=None,
                     rows.append(assess(spec, family, dtype, bench))
     import pandas as pd
 
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["outcome"] = [outcome(r) for r in rows]
+    return df
 
 
 def kill_rates(df: "pd.DataFrame") -> dict[str, tuple[int, int]]:
@@ -167,7 +230,9 @@ def _num(x: float) -> str:
 
 
 def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
-    """detection.md: the kill rate per dtype, the table, the survivors and why."""
+    """detection.md: the kill rate per dtype, the exit code and why, the table, the failures,
+    the mutants flagged below the budget."""
+    df = df.assign(outcome=[outcome(r) for r in df.to_dict("records")])
     rates = kill_rates(df)
     lines = ["# Detection power of the verdict budgets", "",
              "Each mutant is the `hf` fast path with one planted bug (tests/mutants.py), on the "
@@ -177,12 +242,21 @@ def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
              "the first non-pass site in local mode (each layer fed the reference's input) of "
              "the catching check; `pinned` = it is a site of the planted op in the planted "
              "layer.", ""]
+    below = df[df["outcome"] == "flagged below the budget"]
+    bad = failed(df)
     for d, (k, n) in rates.items():
         pinned = int(df[(df["dtype"] == d) & df["killed"]]["pinned"].sum())
+        nb = int((below["dtype"] == d).sum())
         lines.append(f"- **{d}**: {k} of {n} mutants killed ({100.0 * k / max(n, 1):.0f}%), "
-                     f"{pinned} of {k} pinned on the planted layer and op.")
+                     f"{pinned} of {k} pinned on the planted layer and op"
+                     + (f"; {nb} flagged below the budget" if nb else "") + ".")
+    lines += ["", f"**Exit 1**: {len(bad)} failure(s), listed under Failures (survivor, wrong "
+                  "pin or false alarm)." if len(bad) else
+              "**Exit 0**: every mutant is killed or flagged below the budget, pinned on its "
+              "planted site, and the healthy twin passes the tiny checkpoint's checks."]
     lines += ["", "| mutant | family | dtype | planted | caught by | first divergent site "
-              "(local) | verdict | floor ratio | pinned |", "|---|---|---|---|---|---|---|---|---|"]
+              "(local) | verdict | floor ratio | pinned | outcome |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples(index=False):
         caught = r.caught_by or (f"none (warn in {r.check})" if r.flagged else "none")
         verdict = r.verdict or "-"
@@ -190,7 +264,7 @@ def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
             verdict += f", then {r.kill_site}"
         lines.append(f"| {r.mutant} | {r.family} | {r.dtype} | {r.planted} | {caught} | "
                      f"{r.first_site or '-'} | {verdict} | {_num(r.floor_ratio)} | "
-                     f"{'yes' if r.pinned else 'no'} |")
+                     f"{'yes' if r.pinned else 'no'} | {r.outcome} |")
     from .search import tests_module
 
     skipped = [(s, d) for s in tests_module("mutants").CATALOGUE for d in sorted(set(df["dtype"]))
@@ -199,21 +273,28 @@ def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
         lines += ["", "Not run (equivalent mutants: in that dtype the planted change computes "
                   "what the healthy path does, up to rounding the healthy path already pays):"]
         lines += [f"- {s.name} in {d}" for s, d in skipped]
-    survivors = df[~df["killed"]]
-    if len(survivors):
-        lines += ["", "## Survivors", "",
+    if len(bad):
+        lines += ["", "## Failures", ""]
+        lines += [f"- {r['mutant']} / {r['family']} / {r['dtype']}: {outcome(r)}"
+                  + (f" (first divergent site {r['first_site']}, expected the planted op in "
+                     f"{r['planted']})" if outcome(r) == "wrong pin" else "")
+                  for r in bad.to_dict("records")]
+    if len(below):
+        lines += ["", "## Flagged below the budget", "",
                   "A floor-ratio budget sees an error only when it is more than "
                   "`floor_ratio_fail` (8) times the dtype's rounding floor. A bug whose own "
                   "relative error is smaller (LayerNorm's unbiased variance: 1/(2d) = 0.8% at "
                   "d = 64; epsilon 1e-1 against a variance of ~1) stays below that line in bf16, "
                   "whose floor is 8x fp16's: it is flagged `warn` (floor ratio 2-8), not killed, "
-                  "unless the stress checkpoint's large aligned q/k amplify it. A check the "
-                  "healthy path already fails counts as n/a (`healthy_fails`).", ""]
-        for r in survivors.itertuples(index=False):
-            lines.append(f"- {r.mutant} / {r.family} / {r.dtype}: "
-                         + (f"warn at {r.first_site} (floor ratio {_num(r.floor_ratio)})"
-                            if r.flagged else "no check flags it")
-                         + (f"; healthy path fails {r.healthy_fails}" if r.healthy_fails else ""))
+                  "unless the stress checkpoint's large aligned q/k amplify it. This does not "
+                  "fail the command (in fp16 it would). A check the healthy path already fails "
+                  "on the stress checkpoint counts as n/a (`healthy_fails`).", ""]
+        for r in below.itertuples(index=False):
+            lines.append(f"- {r.mutant} / {r.family} / {r.dtype}: warn at {r.first_site} "
+                         f"(floor ratio {_num(r.floor_ratio)} <= fail budget "
+                         f"{_num(r.budget_fail)})"
+                         + (f"; healthy path fails {r.healthy_fails}"
+                            if isinstance(r.healthy_fails, str) and r.healthy_fails else ""))
     if seconds is not None:
         lines += ["", f"Measured in {seconds:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -228,8 +309,9 @@ def write(out: Path, df: "pd.DataFrame", seconds: float | None = None) -> dict[s
 
 
 def exit_code(df: "pd.DataFrame") -> int:
-    """1 when a mutant survives or is pinned on the wrong site."""
-    return 1 if (~df["killed"]).any() or (~df[df["killed"]]["pinned"]).any() else 0
+    """1 when a row's outcome is a failure (survivor, wrong pin, false alarm), else 0: a mutant
+    flagged below the budget does not fail the command (the module's docstring)."""
+    return 1 if len(failed(df)) else 0
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -264,6 +346,10 @@ def cmd_detection(a) -> int:
         raise ParityError("no catalogue entry applies to the chosen families")
     files = write(Path(a.out), df, time.perf_counter() - t0)
     for d, (k, n) in kill_rates(df).items():
-        print(f"{d}: {k}/{n} mutants killed")
+        nb = int(((df["dtype"] == d) & (df["outcome"] == "flagged below the budget")).sum())
+        print(f"{d}: {k}/{n} mutants killed"
+              + (f", {nb} flagged below the budget (not a failure)" if nb else ""))
+    for r in failed(df).to_dict("records"):
+        print(f"FAILED {r['mutant']} / {r['family']} / {r['dtype']}: {outcome(r)}")
     print(f"wrote {files['md']} and {files['csv']}")
     return exit_code(df)

@@ -11,7 +11,12 @@ reports two figures, both handed to `hypothesis.target()` so that its optimiser 
   floor_ratio   the worst rel_l2 / rel_l2(rounding floor) over the sites before the first one
                 the dtype cannot hold (`overflow`: from there on the values inherit the
                 overflow and say nothing about the subject), in either mode; inf = the subject
-                is non-finite where the reference fits;
+                is non-finite where the reference fits. Only sites whose floor is a measurement
+                count (`measured`: the floor's rel_l2 at least FLOOR_MIN_U x the unit roundoff of
+                the site's dtype); a site with a floor ~0 (a saturated softmax: probabilities 0
+                and 1, held exactly) is "not measured" and reported apart (`unmeasured_*`: how
+                many, the worst subject rel_l2 there); no measured site at all gives NaN, shown
+                as "not measured (floor ~0)" and handed to target() as 0;
   -headroom     headroom = dtype max / max |reference| at the tightest site: small = close to
                 overflow.
 
@@ -24,8 +29,10 @@ process pool (`--jobs`, default every core): the results do not depend on the nu
 Outputs (`--out DIR`, default reports/search/<family>-<variant>-<dtype>[-shard-i-of-n]):
   search.md      the report section: the worst cases, how to replay each
   search.csv     one row per example (recipe, scales, batch shape, figures, first divergent site)
-  case-NN/       one reproducer per worst case: recipe.json (recipe, scales, seed, the figures,
-                 the commands), inputs.safetensors (for `parity trace --inputs`), and checkpoint/
+  case-NN/       one reproducer per worst case (`choose`: the worst by floor ratio, the worst of
+                 each failing verdict, the least headroom): recipe.json (strict JSON: recipe,
+                 scales, seed, the figures with inf as "inf" and not measured as null, noted in
+                 figures_notes; the commands), inputs.safetensors (for `parity trace --inputs`), and checkpoint/
                  (the scaled checkpoint, written when a scale is applied; an unscaled one is
                  remade by the `parity checkpoint make` command in recipe.json)
 
@@ -52,6 +59,12 @@ from .errors import ParityError
 
 CHUNK = 50  # examples per Hypothesis run (one pool task)
 TARGET_CAP = 1e6  # hypothesis.target() needs finite observations: inf is reported as this
+# unit roundoff (half an ulp at 1) of a site's dtype, and the least floor, in units of it, that
+# makes a floor ratio a measurement (`measured`)
+UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24,
+                 "float64": 2.0 ** -53}
+FLOOR_MIN_U = 1e-2
+NOT_MEASURED = "not measured (floor ~0)"
 SCALE_GROUPS = ("embed", "qk", "mlp")
 
 
@@ -138,7 +151,8 @@ def write_checkpoint(ckpt, out: Path, recipe: dict) -> Path:
     tensors = {e.key: ckpt.tensor(name).contiguous() for name, e in ckpt.entries.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     raw = dict(ckpt.config.raw, gpt_parity_recipe=recipe)
-    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(json_safe(raw), indent=2, sort_keys=True,
+                                                allow_nan=False) + "\n")
     return out
 
 
@@ -180,8 +194,31 @@ def make_command(family: str, preset: str, layers: int | None, seed: int, out: s
 
 
 # ----------------------------------------------------------------------------- one example
+def measured(df) -> "np.ndarray":
+    """Rows whose floor ratio is a measurement: the rounding floor's rel_l2 is at least
+    FLOOR_MIN_U x the unit roundoff of the site's dtype, or the subject is non-finite where the
+    reference is finite (floor ratio inf: the worst, whatever the floor).
+
+    Rounding a site of generic values to a dtype costs a relative error of about u/3 to u
+    (measured on 10,200 sites of `parity search`, gptj stress bf16: 98% of floors between 0.18u
+    and 3u; wide fp32 sites more). A floor far below that means the dtype holds (nearly) every
+    value of the site exactly, e.g. a saturated softmax whose probabilities are 0 and 1: the
+    ratio then divides by the rounding of a handful of tiny elements and reads 1e10 .. 1e89 or
+    inf for a subject error under a few u (those floors sat at 1e-4u and below, never between
+    1e-4u and 1e-2u with a ratio over 8). Such a ratio is "not measured (floor ~0)": it is left
+    out of the worst floor ratio and of the search's target; the subject's own rel_l2 there is
+    reported beside it (`unmeasured_*`)."""
+    u = df["site_dtype"].map(UNIT_ROUNDOFF).astype(float).fillna(0.0).to_numpy()
+    floor = df["floor_rel_l2"].astype(float).to_numpy()
+    fr = df["floor_ratio"].astype(float).to_numpy()
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(floor) & (floor >= FLOOR_MIN_U * u) & (floor > 0) & ~np.isnan(fr)
+    return ok | (df["nonfinite"].astype(float).fillna(0.0).to_numpy() > 0)
+
+
 def figures(df) -> dict:
-    """The search's figures of one comparison frame (one subject, both modes)."""
+    """The search's figures of one comparison frame (one subject, both modes). `floor_ratio`
+    is NaN (not measured) when no held site has a measurable floor (`measured`)."""
     from .compare import first_divergent, overall
 
     # parity is measured up to the first site the dtype cannot hold, in each mode: what follows
@@ -191,16 +228,24 @@ def figures(df) -> dict:
         over = np.flatnonzero((g["verdict"] == "overflow").to_numpy())
         parts.append(g.iloc[:over[0]] if len(over) else g)
     held = df.loc[[i for p in parts for i in p.index]]
-    fr = held["floor_ratio"].astype(float).fillna(0.0)
+    ok = measured(held)
+    fr = held["floor_ratio"].astype(float)[ok]
+    fr = fr.where(held["nonfinite"].astype(float)[ok].fillna(0.0) == 0, math.inf)
     i = fr.idxmax() if len(fr) else None
+    rest = held[~ok]  # floor ~0: the subject's error there, relative to the reference
+    rl = rest["rel_l2"].astype(float).fillna(0.0)
+    k = rl.idxmax() if len(rl) else None
     hr = df["headroom"].astype(float)
     j = hr.idxmin() if len(hr) else None
     first = first_divergent(df, "local")
     first_acc = first_divergent(df, "accumulated")
     return {
-        "floor_ratio": float(fr[i]) if i is not None else 0.0,
+        "floor_ratio": float(fr[i]) if i is not None else math.nan,
         "floor_ratio_site": df.at[i, "site"] if i is not None else "",
         "floor_ratio_mode": df.at[i, "mode"] if i is not None else "",
+        "unmeasured_sites": int(len(rest)),
+        "unmeasured_site": f"{df.at[k, 'site']} ({df.at[k, 'mode']})" if k is not None else "",
+        "unmeasured_rel_l2": float(rl[k]) if k is not None else 0.0,
         "headroom": float(hr[j]) if j is not None else math.inf,
         "headroom_site": df.at[j, "site"] if j is not None else "",
         "verdict": overall(df),
@@ -272,7 +317,9 @@ def run_task(task: Task) -> list[dict]:
         batch = data.draw(S.verdict_batches(ckpt.config, max_len=task.max_len), label="batch")
         inputs = Inputs(*batch)
         fig = evaluate(ckpt, inputs, task.variant, task.dtype, task.device)
-        target(min(fig["floor_ratio"], TARGET_CAP), label="floor_ratio")
+        # a floor ratio that is not measured (NaN: every floor ~0) gives no evidence: 0
+        fr = fig["floor_ratio"]
+        target(0.0 if math.isnan(fr) else min(fr, TARGET_CAP), label="floor_ratio")
         target(-min(fig["headroom"], TARGET_CAP), label="-headroom")
         key = (wseed, tuple(sorted(scales.items())), *(None if a is None else a.tobytes() + bytes(
             str(a.shape), "ascii") for a in batch))
@@ -317,13 +364,26 @@ def run_search(task_list: list[Task], jobs: int = 1) -> list[dict]:
 
 
 def rank(records: list[dict]) -> list[dict]:
-    """Worst first: floor ratio, then least headroom; ties in example order (deterministic)."""
+    """Worst first: floor ratio (inf first, not measured last), then least headroom; ties in
+    example order (deterministic)."""
     return sorted(records, key=lambda r: (-_key(r["floor_ratio"]), r["headroom"], r["chunk"],
                                           r["example"]))
 
 
 def _key(x: float) -> float:
+    """A sortable floor ratio: inf above every finite one, NaN (not measured) below all."""
+    if math.isnan(x):
+        return -1.0
     return 1e300 if math.isinf(x) else x
+
+
+def failing(records: list[dict]) -> list[dict]:
+    """The examples whose overall verdict fails (fail, overflow, or any other failing verdict
+    parity.compare knows), worst first."""
+    from . import compare
+
+    bad = tuple(getattr(compare, "FAILING", ("fail", "overflow")))
+    return [r for r in rank(records) if r["verdict"] in bad]
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -346,8 +406,10 @@ class Search:
         return s if self.shards == 1 else f"{s}-shard-{self.shard}-of-{self.shards}"
 
 
-def write_case(out: Path, rec: dict, s: Search, n: int) -> dict:
-    """One reproducer folder; returns what the report says about it."""
+def write_case(out: Path, rec: dict, s: Search, n: int, why: str = "worst") -> dict:
+    """One reproducer folder; returns what the report says about it. recipe.json is strict
+    JSON: a non-finite figure is written as a string ("inf", "-inf") or, for a floor ratio
+    that is not measured, null, with a note in `figures_notes` (`json_safe`)."""
     from safetensors.numpy import save_file
 
     case = out / f"case-{n:02d}"
@@ -388,43 +450,99 @@ def write_case(out: Path, rec: dict, s: Search, n: int) -> dict:
                    "hypothesis_seed": Task(s.family, s.variant, s.dtype, s.preset, s.layers,
                                            s.shard, s.shards, rec["chunk"], 0, 0, 0)
                    .hypothesis_seed},
-        "figures": {k: rec[k] for k in ("floor_ratio", "floor_ratio_site", "floor_ratio_mode",
-                                        "headroom", "headroom_site", "verdict", "first_local",
-                                        "first_accumulated", "overflow_sites")},
+        "chosen_as": why,
+        "figures": {k: rec.get(k) for k in FIGURES},
     }
-    (case / "recipe.json").write_text(json.dumps(info, indent=2, default=_json) + "\n")
+    notes = {}
+    safe = json_safe(info, notes)
+    if notes:
+        safe["figures_notes"] = notes
+    (case / "recipe.json").write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
     return {"case": case.name, **info}
 
 
-def _json(x):
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    raise TypeError(type(x))
+FIGURES = ("floor_ratio", "floor_ratio_site", "floor_ratio_mode", "unmeasured_sites",
+           "unmeasured_site", "unmeasured_rel_l2", "headroom", "headroom_site", "verdict",
+           "first_local", "first_accumulated", "overflow_sites")
 
 
-def write_outputs(out: Path, s: Search, top: int = 3) -> dict:
-    """search.csv, the worst `top` cases (and the least-headroom one) as reproducers, search.md."""
-    import pandas as pd
+def json_safe(x, notes: dict | None = None, path: str = ""):
+    """`x` with every non-finite float replaced, so that json.dumps(allow_nan=False) takes it:
+    inf / -inf as the strings "inf" / "-inf", NaN as null; `notes` (path -> what it means)
+    records each. NaN here is always a figure that was not measured (a floor ratio whose floors
+    are all ~0)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v, notes, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v, notes, f"{path}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            if notes is not None:
+                notes[path] = (f"null: {NOT_MEASURED}" if path.endswith("floor_ratio")
+                               else "null: not a number")
+            return None
+        if math.isinf(x):
+            if notes is not None:
+                notes[path] = ('"inf": the subject is non-finite where the reference is finite'
+                               if path.endswith("floor_ratio") else
+                               '"inf": the reference is 0 at every site (no limit near)'
+                               if path.endswith("headroom") else
+                               f'"{"inf" if x > 0 else "-inf"}": not finite')
+            return "inf" if x > 0 else "-inf"
+        return x
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
-    out.mkdir(parents=True, exist_ok=True)
-    ranked = rank(s.records)
-    cols = ["chunk", "example", "seed", "scales", "batch", "floor_ratio", "floor_ratio_site",
-            "floor_ratio_mode", "headroom", "headroom_site", "verdict", "first_local",
-            "first_accumulated", "overflow_sites"]
-    df = pd.DataFrame([{c: (json.dumps(r[c], sort_keys=True) if c in ("scales", "batch")
-                            else r[c]) for c in cols} for r in s.records], columns=cols)
-    df.to_csv(out / "search.csv", index=False)
-    chosen, figs = [], set()
-    for r in ranked:  # one reproducer per checkpoint: the target phase climbs by editing the
-        # batch, which leaves a trail of near-copies of the worst case
+
+def choose(records: list[dict], top: int = 3) -> list[tuple[dict, str]]:
+    """The examples written as reproducers, each with why: the worst `top` by floor ratio (one
+    per checkpoint), then, unless already among them, the worst example of each failing verdict
+    (so the worst failing example is always written) and the least-headroom one."""
+    chosen: list[tuple[dict, str]] = []
+    figs = set()
+    for r in rank(records):  # one reproducer per checkpoint: the target phase climbs by
+        # editing the batch, which leaves a trail of near-copies of the worst case
         fig = (r["seed"], tuple(sorted(r["scales"].items())))
         if fig not in figs and len(chosen) < top:
             figs.add(fig)
-            chosen.append(r)
-    tight = min(s.records, key=lambda r: (r["headroom"], r["chunk"], r["example"]), default=None)
-    if tight is not None and all(tight is not r for r in chosen):
-        chosen.append(tight)
-    cases = [write_case(out, r, s, n + 1) for n, r in enumerate(chosen)]
+            chosen.append((r, "worst floor ratio" if not chosen else "next worst floor ratio "
+                           "(another checkpoint)"))
+    seen = set()
+    for r in failing(records):  # worst first: the first of each verdict is its worst
+        if r["verdict"] not in seen:
+            seen.add(r["verdict"])
+            if all(r is not c for c, _ in chosen):
+                chosen.append((r, f"worst example with verdict {r['verdict']}"))
+    tight = min(records, key=lambda r: (r["headroom"], r["chunk"], r["example"]), default=None)
+    if tight is not None and all(tight is not c for c, _ in chosen):
+        chosen.append((tight, "least headroom"))
+    return chosen
+
+
+def write_outputs(out: Path, s: Search, top: int = 3) -> dict:
+    """search.csv, the reproducers of `choose` (the worst `top` cases, the worst failing one,
+    the least-headroom one), search.md."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["chunk", "example", "seed", "scales", "batch", "floor_ratio", "floor_ratio_note",
+            "floor_ratio_site", "floor_ratio_mode", "unmeasured_sites", "unmeasured_site",
+            "unmeasured_rel_l2", "headroom", "headroom_site", "verdict", "first_local",
+            "first_accumulated", "overflow_sites"]
+
+    def cell(r, c):
+        if c in ("scales", "batch"):
+            return json.dumps(r[c], sort_keys=True)
+        if c == "floor_ratio_note":
+            return NOT_MEASURED if math.isnan(r["floor_ratio"]) else ""
+        return r.get(c)
+
+    df = pd.DataFrame([{c: cell(r, c) for c in cols} for r in s.records], columns=cols)
+    df.to_csv(out / "search.csv", index=False)
+    cases = [write_case(out, r, s, n + 1, why) for n, (r, why) in
+             enumerate(choose(s.records, top))]
     (out / "search.md").write_text(report_section(s, cases))
     return {"cases": cases, "csv": out / "search.csv", "md": out / "search.md"}
 
@@ -432,9 +550,24 @@ def write_outputs(out: Path, s: Search, top: int = 3) -> dict:
 def _fmt(x) -> str:
     if isinstance(x, str):
         return x
+    if x is None or math.isnan(x):
+        return NOT_MEASURED
     if math.isinf(x):
         return "inf"
     return f"{x:.3g}"
+
+
+def _floor0(f: dict) -> str:
+    n = f.get("unmeasured_sites") or 0
+    if not n:
+        return "-"
+    return f"{n} (worst rel_l2 {f['unmeasured_rel_l2']:.3g} at {f['unmeasured_site']})"
+
+
+def worst_measured(records: list[dict]) -> dict | None:
+    """The record with the worst measured floor ratio (None: none measured)."""
+    r = rank(records)
+    return r[0] if r and not math.isnan(r[0]["floor_ratio"]) else None
 
 
 def report_section(s: Search, cases: list[dict]) -> str:
@@ -451,16 +584,24 @@ def report_section(s: Search, cases: list[dict]) -> str:
         "the least headroom. Verdicts: "
         + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())) + ".",
         "",
-        "| case | floor ratio | at (mode) | headroom | at | verdict | first divergent (local) "
-        "| seed | scales | batch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"A floor ratio is a measurement where the rounding floor's rel_l2 is at least "
+        f"{FLOOR_MIN_U:g} x the unit roundoff of the site's dtype; below that (e.g. a saturated "
+        f"softmax, whose probabilities the dtype holds exactly) it is \"{NOT_MEASURED}\": left "
+        "out of the worst floor ratio and of the search's target, and counted under `floor ~0 "
+        "sites` with the subject's rel_l2 there. inf = the subject is non-finite where the "
+        "reference is finite.",
+        "",
+        "| case | chosen as | floor ratio | at (mode) | floor ~0 sites | headroom | at | verdict "
+        "| first divergent (local) | seed | scales | batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         f, r = c["figures"], c["recipe"]
         sc = ", ".join(f"{k} x{v:g}" for k, v in r["scales"].items() if float(v) != 1) or "none"
         shape = "x".join(str(v) for v in _shape(c))
-        lines.append(f"| {c['case']} | {_fmt(f['floor_ratio'])} | {f['floor_ratio_site']} "
-                     f"({f['floor_ratio_mode']}) | {_fmt(f['headroom'])} | {f['headroom_site']} "
+        at = f"{f['floor_ratio_site']} ({f['floor_ratio_mode']})" if f["floor_ratio_site"] else "-"
+        lines.append(f"| {c['case']} | {c['chosen_as']} | {_fmt(f['floor_ratio'])} | {at} "
+                     f"| {_floor0(f)} | {_fmt(f['headroom'])} | {f['headroom_site']} "
                      f"| {f['verdict']} | {f['first_local'] or '-'} | {r['seed']} | {sc} "
                      f"| {shape} |")
     lines += ["", "Replay a case (its folder holds recipe.json and inputs.safetensors):", ""]
@@ -547,9 +688,22 @@ def cmd_search(a) -> int:
                                  a.max_examples, shard, shards, a.max_log2_scale, a.max_len),
                            jobs)
     res = write_outputs(out, s, a.top)
-    worst = res["cases"][0]["figures"] if res["cases"] else {}
-    print(f"searched {len(s.records)} examples ({s.label()}, {jobs} jobs): worst floor ratio "
-          f"{_fmt(worst.get('floor_ratio', 0.0))} at {worst.get('floor_ratio_site', '-')}, "
-          f"least headroom {_fmt(min(r['headroom'] for r in s.records))}; "
-          f"wrote {out}/ ({len(res['cases'])} reproducers, search.md, search.csv)")
+    print(summary(s, res, out, jobs))
     return 0
+
+
+def summary(s: Search, res: dict, out: Path, jobs: int) -> str:
+    """The one line `parity search` prints: only measured figures, the failing examples and
+    where their reproducers are."""
+    worst = worst_measured(s.records)
+    fr = (f"{_fmt(worst['floor_ratio'])} at {worst['floor_ratio_site']}" if worst
+          else NOT_MEASURED)
+    n0 = sum(1 for r in s.records if r.get("unmeasured_sites"))
+    bad = failing(s.records)
+    case_of = {(c["search"]["chunk"], c["search"]["example"]): c["case"] for c in res["cases"]}
+    fails = (f"{len(bad)} failing (worst: {bad[0]['verdict']}, "
+             f"{case_of.get((bad[0]['chunk'], bad[0]['example']), '?')})" if bad else "0 failing")
+    return (f"searched {len(s.records)} examples ({s.label()}, {jobs} jobs): worst floor ratio "
+            f"{fr}" + (f" ({n0} examples with sites not measured, floor ~0)" if n0 else "")
+            + f", least headroom {_fmt(min(r['headroom'] for r in s.records))}, {fails}; "
+            f"wrote {out}/ ({len(res['cases'])} reproducers, search.md, search.csv)")

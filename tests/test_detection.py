@@ -6,8 +6,9 @@ mutant a `fail` or `overflow` verdict while the healthy twin (the same `hf` pres
 checkpoint, same inputs) passes that check; the first non-pass site in local mode is a site of
 the planted op in the planted layer. In bf16 every mutant is at least flagged there (warn or
 worse): bf16's floor is 8x fp16's, so the smallest bugs (LayerNorm variance, epsilon) land
-between the warn and fail limits, which `parity detection` reports as survivors. The command
-itself is tested at the end on a few entries.
+between the warn and fail limits, which `parity detection` reports as "flagged below the
+budget" (not a failure: exit 0). The command itself is tested at the end on a few entries, and its
+exit-code rule on synthetic tables.
 """
 from __future__ import annotations
 
@@ -157,15 +158,85 @@ def test_detection_command_writes_the_table_and_exits_0_when_all_are_killed(tmp_
     assert "float16: 4/4 mutants killed" in capsys.readouterr().out
 
 
-def test_detection_command_exits_1_on_a_survivor_and_says_why(tmp_path):
-    """LayerNorm's unbiased variance (0.8% at d=64) sits between bf16's warn and fail limits."""
+def test_detection_command_exits_0_on_a_mutant_flagged_below_the_budget(tmp_path, capsys):
+    """LayerNorm's unbiased variance (0.8% at d=64) sits between bf16's warn and fail limits:
+    flagged below the budget, reported, and the command still exits 0 (the documented outcome
+    of a healthy run must not turn CI red)."""
     rc = _detection(tmp_path, "--mutants", "ln-unbiased-variance", "--families", "gpt2",
                     "--dtypes", "bf16")
-    assert rc == 1
+    assert rc == 0
     md = (tmp_path / "detection.md").read_text()
-    assert "0 of 1 mutants killed" in md
-    assert "## Survivors" in md
+    assert "0 of 1 mutants killed" in md and "1 flagged below the budget" in md
+    assert "## Flagged below the budget" in md and "## Failures" not in md
     assert "ln-unbiased-variance / gpt2 / bfloat16: warn at blocks.2.ln_1" in md
+    out = capsys.readouterr().out
+    assert "bfloat16: 0/1 mutants killed, 1 flagged below the budget" in out
+    assert "FAILED" not in out
+
+
+# ----------------------------------------------------------------------------- the exit-code rule
+def _row(**kw) -> dict:
+    """A detection row: by default a killed, pinned fp16 mutant with a healthy twin."""
+    row = dict(mutant="scale-twice", family="gpt2", dtype="float16", bug="", planted="layer 2",
+               check="layers", caught_by="layers", first_site="blocks.2.attn.scores",
+               verdict="fail", floor_ratio=1074.0, budget_fail=8.0, kill_site="", pinned=True,
+               killed=True, flagged=True, healthy_fails="stress", outcome="")
+    row.update(kw)
+    return row
+
+
+def _frame(*rows):
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), columns=D.COLUMNS)
+
+
+BELOW = dict(mutant="ln-unbiased-variance", dtype="bfloat16", caught_by="", check="layers",
+             first_site="blocks.2.ln_1", verdict="warn", floor_ratio=2.81, killed=False,
+             flagged=True)
+
+
+@pytest.mark.parametrize("rows,code,outcomes", [
+    ([_row()], 0, ["killed"]),
+    # the documented bf16 outcome: warn-only, pinned, floor ratio within the fail budget
+    ([_row(), _row(**BELOW)], 0, ["killed", "flagged below the budget"]),
+    # an above-floor survivor: its floor ratio exceeds the fail budget, yet nothing caught it
+    ([_row(), _row(**{**BELOW, "floor_ratio": 9.5})], 1, ["killed", "survivor"]),
+    # a floor ratio that is not a number proves nothing about being below the budget
+    ([_row(**{**BELOW, "floor_ratio": float("nan")})], 1, ["survivor"]),
+    # fp16 promises a kill for every catalogued bug: warn-only there is a survivor
+    ([_row(**{**BELOW, "dtype": "float16"})], 1, ["survivor"]),
+    # no check flags it at all
+    ([_row(**{**BELOW, "flagged": False, "verdict": "", "first_site": "", "pinned": False,
+              "floor_ratio": float("nan")})], 1, ["survivor"]),
+    # a false alarm: the healthy twin fails a tiny-checkpoint check
+    ([_row(healthy_fails="layers, stress")], 1, ["false alarm"]),
+    ([_row(**{**BELOW, "healthy_fails": "cache"})], 1, ["false alarm"]),
+    # a healthy failure on the stress checkpoint is a known finding, not a false alarm
+    ([_row(healthy_fails="stress")], 0, ["killed"]),
+    # killed, or flagged below the budget, but pinned on the wrong site
+    ([_row(pinned=False, first_site="blocks.3.attn.scores")], 1, ["wrong pin"]),
+    ([_row(**{**BELOW, "pinned": False})], 1, ["wrong pin"]),
+], ids=["killed", "below-budget", "above-floor-survivor", "nan-ratio", "fp16-warn", "unflagged",
+        "false-alarm", "false-alarm-warn", "stress-finding", "wrong-pin", "wrong-pin-warn"])
+def test_exit_code_rule(rows, code, outcomes):
+    df = _frame(*rows)
+    assert D.exit_code(df) == code
+    assert [D.outcome(r).split(" (")[0] for r in df.to_dict("records")] == outcomes
+    md = D.render(df)
+    assert ("## Failures" in md) == bool(code)
+    assert f"**Exit {code}**" in md
+
+
+def test_exit_code_rule_reads_the_csv_it_writes(tmp_path):
+    """The rule holds on the table as written and read back (booleans, empty cells as NaN)."""
+    import pandas as pd
+
+    df = _frame(_row(), _row(**BELOW))
+    D.write(tmp_path, df)
+    back = pd.read_csv(tmp_path / "detection.csv")
+    assert D.exit_code(back) == 0
+    assert D.exit_code(pd.concat([back, _frame(_row(healthy_fails="batch"))])) == 1
 
 
 def test_detection_command_refuses_unknown_names(tmp_path):
