@@ -27,6 +27,7 @@ from . import budgets as B
 from . import metrics as M
 from .checkpoint import Checkpoint
 from .inputs import Inputs
+from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
 
 MODES = ("accumulated", "local")
 # A logit row counts for top-1 agreement when the reference's top-1 margin exceeds this many
@@ -144,13 +145,6 @@ def _rounds_to_inf(x: float, dtype: str) -> bool:
         return False
     with np.errstate(over="ignore"):
         return bool(np.isinf(ops.round_to(np.array([x], np.float64), dtype)[0]))
-
-
-# Verdicts of one site, mildest first. `not_exposed`: the subject does not report a site the
-# reference has (a failure when the policy requires it); `unmeasured`: no floor ratio could be
-# formed (NaN, or a non-finite floor beside a finite subject) -- never a pass.
-VERDICTS = ("not_exposed", "pass", "warn", "overflow", "unmeasured", "fail")
-FAILING = ("fail", "overflow", "unmeasured")
 
 
 def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str,
@@ -328,7 +322,7 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
 
 def first_divergent(df: pd.DataFrame, mode: str = "accumulated") -> pd.DataFrame:
     """Per family/checkpoint/variant/dtype: the first site (execution order) not passing."""
-    bad = df[(df["mode"] == mode) & ~df["verdict"].isin(["pass", "not_exposed"])]
+    bad = df[(df["mode"] == mode) & ~df["verdict"].isin(NOT_DIVERGENT)]
     keys = ["family", "checkpoint", "variant", "dtype"]
     return bad.groupby(keys, sort=False).head(1)[keys + ["site", "layer", "verdict", "reason",
                                                          "floor_ratio"]]
@@ -336,8 +330,7 @@ def first_divergent(df: pd.DataFrame, mode: str = "accumulated") -> pd.DataFrame
 
 def overall(df: pd.DataFrame) -> str:
     """The worst verdict of any row ('pass' for an empty frame); `not_exposed` alone is a pass."""
-    v = set(df["verdict"]) - {"not_exposed"}
-    return max(v, key=VERDICTS.index, default="pass")
+    return worst(set(df["verdict"]) - {"not_exposed"})
 
 
 # ----------------------------------------------------------------------------- notebook entry

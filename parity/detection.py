@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ParityError
+from .verdicts import FAILING
 
 if TYPE_CHECKING:  # pandas is imported when a table is made, not when the CLI builds its parser
     import pandas as pd
@@ -60,7 +61,7 @@ LENGTH = {"tiny": 16, "stress": 24}  # stress: longer than GPT-Neo's window of 8
 COLUMNS = ["mutant", "family", "dtype", "bug", "planted", "check", "caught_by", "first_site",
            "verdict", "floor_ratio", "budget_fail", "kill_site", "pinned", "killed", "flagged",
            "healthy_fails", "outcome"]
-BAD = ("fail", "overflow")
+BAD = FAILING  # a catching verdict / a healthy failure
 TINY_CHECKS = ("layers", "cache", "batch")  # a healthy failure there is a false alarm
 # dtypes where every catalogued bug must be killed: each is more than 8x fp16's rounding floor
 # (smallest, LayerNorm's unbiased variance: floor ratio 15-23 in fp16)

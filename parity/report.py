@@ -29,8 +29,8 @@ import pandas as pd
 
 from reference.sites import BLOCK_SITES, block_output_site
 
-from .compare import FAILING, VERDICTS as _VERDICTS
 from .errors import ParityError
+from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
 
 DIVERGENCE_COLUMNS = (
     "family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site", "layer",
@@ -42,9 +42,6 @@ ATTRIBUTION_COLUMNS = (
 # increasing severity, as the engine ranks them: 'overflow' means the reference itself exceeds
 # the dtype's range at a site (no implementation in that dtype can hold it); 'fail' means the
 # subject made an error over budget, non-finite values where the reference fits included
-# (mildest first) plus, from the engine: 'unmeasured' (no floor ratio could be formed: never a
-# pass) and 'not_exposed' (a site the subject does not report; required sites fail instead)
-VERDICTS = _VERDICTS
 SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
 FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
 PNG_DPI = 72              # ~55 kB a figure: 80 subjects (10 figures) take ~0.8 MB
@@ -219,12 +216,12 @@ def _worst_site(g: pd.DataFrame, verdict: str):
 
 
 def _first_divergent(rows: pd.DataFrame):
-    bad = rows[~rows["verdict"].isin(["pass", "not_exposed"])]
+    bad = rows[~rows["verdict"].isin(NOT_DIVERGENT)]
     return bad.iloc[0] if len(bad) else None
 
 
 def _worst(verdicts) -> str:
-    return VERDICTS[max(VERDICTS.index(v) for v in verdicts)]
+    return worst(verdicts)
 
 
 def attribution_sentence(row) -> str:

@@ -380,10 +380,9 @@ def _key(x: float) -> float:
 def failing(records: list[dict]) -> list[dict]:
     """The examples whose overall verdict fails (fail, overflow, or any other failing verdict
     parity.compare knows), worst first."""
-    from . import compare
+    from .verdicts import FAILING
 
-    bad = tuple(getattr(compare, "FAILING", ("fail", "overflow")))
-    return [r for r in rank(records) if r["verdict"] in bad]
+    return [r for r in rank(records) if r["verdict"] in FAILING]
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -1,0 +1,21 @@
+"""The verdict vocabulary of one compared site, shared by comparison, gate, report, search and
+detection (a light module: no torch, NumPy or pandas).
+
+Mildest first:
+  not_exposed  the subject does not report a site the reference has (listed, never dropped; a
+               failure instead when the policy's `[gate] require_sites` names it)
+  pass / warn  within the budget / over the warn limit
+  overflow     the reference itself exceeds the dtype's range at this site
+  unmeasured   no floor ratio could be formed (NaN, or a non-finite floor beside a finite
+               subject): never a pass
+  fail         the subject's error is over budget (non-finite values where the reference fits
+               included)
+"""
+VERDICTS = ("not_exposed", "pass", "warn", "overflow", "unmeasured", "fail")
+FAILING = ("fail", "overflow", "unmeasured")
+NOT_DIVERGENT = ("pass", "not_exposed")  # rows that are not a divergence
+
+
+def worst(verdicts) -> str:
+    """The most severe of `verdicts` ('pass' when there are none)."""
+    return max(verdicts, key=VERDICTS.index, default="pass")
