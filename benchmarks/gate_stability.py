@@ -4,7 +4,7 @@ For each family's `tiny` and `stress` checkpoint (made here with `parity checkpo
 each dtype (fp16, bf16), the gate's subject check (parity.lockstep.lockstep, the fast `hf`
 preset, CPU emulation) runs on N seeds of
   old   parity.inputs.default_batch(cfg, 16, seed)      (the gate's batch before issue 11)
-  new   parity.inputs.gate_batch(cfg, seed, weights)    (varied rows + targeted search)
+  new   parity.inputs.gate_batch(cfg, seed)             (the gate's batch: 4 varied rows)
 and prints per (family, preset, variant, dtype, batch) the verdict of every seed, the number of
 flips (seeds whose verdict differs from the majority) and the worst floor ratio range.
 
@@ -31,13 +31,13 @@ from parity.lockstep import lockstep  # noqa: E402
 from parity.recipes import make_checkpoint  # noqa: E402
 
 FAMILIES = ("openai-gpt", "gpt2", "gpt_neo", "gptj", "gptmeg")
-SHORT = {"pass": "P", "warn": "W", "fail": "F", "overflow": "O"}
+SHORT = {"pass": "P", "warn": "W", "fail": "F", "overflow": "O", "unmeasured": "U"}
 
 
 def batch(kind: str, ckpt, seed: int):
     if kind == "old":
         return default_batch(ckpt.config, min(16, ckpt.config.n_positions), seed=seed)
-    return gate_batch(ckpt.config, seed=seed, weights=ckpt.weights())
+    return gate_batch(ckpt.config, seed=seed)
 
 
 def main(argv=None) -> int:

@@ -121,8 +121,9 @@ def forward_local(model, inputs: Inputs, streams: list[np.ndarray]) -> reference
 
 
 # ----------------------------------------------------------------------------- rows and verdicts
-def site_row(site, sub, ref, flo, rows, site_dtype, dtype, margin_factor=None) -> dict:
-    valid = M.valid_mask(site, ref, rows)
+def site_row(site, sub, ref, flo, rows, site_dtype, dtype, margin_factor=None,
+             valid=None) -> dict:
+    valid = M.valid_mask(site, ref, rows) if valid is None else valid
     m = M.site_metrics(sub, ref, site_dtype, valid)
     if flo is not None:
         fr = M.rel_l2(flo, ref, valid)
@@ -134,7 +135,7 @@ def site_row(site, sub, ref, flo, rows, site_dtype, dtype, margin_factor=None) -
     if site == "logits":
         m.update(M.logit_metrics(sub, ref, rows, floor=flo, margin_factor=margin_factor))
     else:
-        m.update(top1=math.nan, kl=math.nan, top1_rows=0)
+        m.update(top1=math.nan, kl=math.nan, top1_rows=0, floor_kl=math.nan)
     return m
 
 
@@ -182,9 +183,17 @@ def verdict(m: dict, budget: B.Budget, site: str, site_dtype: str, dtype: str,
             a, b = M.fmt_pair(m["top1"], budget.top1_min)
             return "fail", (f"top-1 agreement {a} < {b} over {m.get('top1_rows', 0)} decisive "
                             f"rows")
-        if not m["kl"] <= budget.kl_max:
-            a, b = M.fmt_pair(m["kl"], budget.kl_max)
-            return "fail", f"KL {a} > {b}"
+        # KL grows as the square of the logit error: a subject at the fail budget may reach
+        # floor_ratio_fail^2 x the floor's own KL, so an absolute limit below what the dtype
+        # itself reaches would be a lottery
+        floor_kl = m.get("floor_kl", math.nan)
+        kl_limit = budget.kl_max if not math.isfinite(floor_kl) else max(
+            budget.kl_max, budget.floor_ratio_fail ** 2 * floor_kl)
+        if not m["kl"] <= kl_limit:
+            a, b = M.fmt_pair(m["kl"], kl_limit)
+            why = "" if kl_limit == budget.kl_max else (
+                f" (= {budget.floor_ratio_fail:g}^2 x the floor's KL {floor_kl:.3g})")
+            return "fail", f"KL {a} > {b}{why}"
     for v, lim in (("fail", budget.floor_ratio_fail), ("warn", budget.floor_ratio_warn)):
         if fr > lim:
             a, b = M.fmt_pair(fr, lim)
@@ -248,9 +257,27 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
                               mode=mode, checkpoint=label)
         flo = None if floor_sites is None else floor_sites.get(site)
         valid = M.valid_mask(site, r, rows)
+        note = ""
+        if flo is not None and site.endswith("attn.scores"):  # conditioning of this layer
+            state["ill"] = M.ill_conditioned_rows(r, flo, B.tolerance("attention_resolvable"))
+            if rows is not None:
+                state["ill"] &= np.asarray(rows, bool)[:, None, :]
+        elif site.endswith(("attn.probs", "attn.context", "attn.out")) and "ill" in state:
+            ill = state["ill"]
+            if ill.any():
+                valid = M.exclude_rows(site, valid, ill)
+                n_rows = ill.size if rows is None else int(np.asarray(rows).sum()) * ill.shape[1]
+                note = (f"{int(ill.sum())} of {n_rows} query rows not judged: the dtype cannot "
+                        f"resolve them (the rounding floor's own score error exceeds "
+                        f"{B.tolerance('attention_resolvable'):g} nat)")
         # top-1 counts the rows a subject within budget cannot flip (DECISIVE_MARGIN)
         m = site_row(site, sub_sites[site], r, flo, rows, sdt, dtype,
-                     margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail)
+                     margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail, valid=valid)
+        if note:  # rows not judged still may not hide a non-finite value
+            full = M.valid_mask(site, r, rows) & np.isfinite(r)
+            m["nonfinite"] = int((~np.isfinite(np.asarray(sub_sites[site])[full])).sum())
+            if m["nonfinite"]:
+                m["rel_l2"], m["floor_ratio"] = math.inf, math.inf
         if flo is not None:
             m["floor_rms"] = M.floor_rms(flo, r, valid)
         y = sub_sites[site]
@@ -265,6 +292,11 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
             o = state["origin"]
             v, why = "overflow", (f"inherited from {o[0]}, where the reference (max |x| "
                                   f"{o[1]:.3g}) exceeds {o[2]}: {why}")
+        if note and not valid.any():  # the dtype cannot resolve any row of this site
+            v, why = "unmeasured", (f"not measured: every query row is ill-conditioned in "
+                                    f"{sdt} ({note})")
+        elif note:
+            why = f"{why}; {note}" if why else note
         out.append(dict(
             common, site=site, layer=site_layer(site), kind=site_kind(site),
             site_dtype=sdt, budget_warn=budget.floor_ratio_warn,

@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .compare import FAILING, Subject, overall, token_rows, wide_sites
 from .errors import ParityError, TokenizerMissing
 from .golden_io import read_golden
-from .inputs import Inputs, default_batch, load_tokenizer, validate_inputs
+from .inputs import Inputs, gate_batch, load_tokenizer, validate_inputs
 
 GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
 
@@ -347,8 +347,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
 
     checks.append(Check("tokenizer", **tokenizer_check.gate_check(
         ckpt.path, tokenizer_check.prompt_texts(prompts))))
-    inputs = (load_prompts(prompts, ckpt) if prompts
-              else default_batch(ckpt.config, min(16, ckpt.config.n_positions), seed=0))
+    inputs = load_prompts(prompts, ckpt) if prompts else gate_batch(ckpt.config, seed=0)
     for g in goldens:
         if progress:
             progress(f"golden {g}")
@@ -374,7 +373,8 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
                          policy_path or str(B.DEFAULT_FILE))
     meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
                 impl=impl, variant=variant, dtype=dtype, device=device,
-                prompts=prompts or "built-in batch (2 x 16 tokens, one left-padded)",
+                prompts=prompts or "built-in batch ({} x {} tokens: full, left-padded by a "
+                "quarter and a half, a repeated motif)".format(*inputs.input_ids.shape),
                 policy=policy_path or str(B.DEFAULT_FILE))
     return GateResult(checks, div, meta)
 

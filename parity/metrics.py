@@ -129,7 +129,8 @@ def decisive_rows(r: np.ndarray, floor: np.ndarray, factor: float) -> np.ndarray
 
 def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None,
                   floor: np.ndarray | None = None, margin_factor: float | None = None) -> dict:
-    """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T).
+    """top-1 agreement and mean KL(ref || subject) over the valid token rows (B, T), and with
+    the floor's logits the floor's own KL (`floor_kl`).
 
     With the floor's logits and a margin factor, top-1 counts only the decisive rows (see
     `decisive_rows`); `top1_rows` says how many rows counted. With no decisive row top-1 is
@@ -142,16 +143,20 @@ def logit_metrics(y: np.ndarray, r: np.ndarray, rows: np.ndarray | None = None,
         y, r = y[keep], r[keep]
         f = None if f is None else f[keep]
     if not r.size:
-        return {"top1": math.nan, "kl": 0.0, "top1_rows": 0}
+        return {"top1": math.nan, "kl": 0.0, "top1_rows": 0, "floor_kl": math.nan}
     counted = (np.ones(len(r), bool) if f is None or margin_factor is None
                else decisive_rows(r, f, margin_factor))
     agree = np.argmax(np.nan_to_num(y, nan=-np.inf), -1) == np.argmax(r, -1)
     top1 = float(np.mean(agree[counted])) if counted.any() else math.nan  # not measured
-    if not np.isfinite(y).all():
-        return {"top1": top1, "kl": math.inf, "top1_rows": int(counted.sum())}
-    lr, ly = log_softmax(r), log_softmax(y)
-    kl = float(np.mean(np.sum(np.exp(lr) * (lr - ly), axis=-1)))
-    return {"top1": top1, "kl": max(kl, 0.0), "top1_rows": int(counted.sum())}
+    lr = log_softmax(r)
+
+    def kl_of(x):
+        if not np.isfinite(x).all():
+            return math.inf
+        return max(float(np.mean(np.sum(np.exp(lr) * (lr - log_softmax(x)), axis=-1))), 0.0)
+
+    return {"top1": top1, "kl": kl_of(y), "top1_rows": int(counted.sum()),
+            "floor_kl": math.nan if f is None else kl_of(f)}
 
 
 # ----------------------------------------------------------------------------- valid masks
@@ -170,6 +175,44 @@ def valid_mask(site: str, ref: np.ndarray, token_rows: np.ndarray | None) -> np.
     else:
         m = rows.reshape(rows.shape + (1,) * (r.ndim - 2))
     return np.broadcast_to(m, r.shape)
+
+
+def ill_conditioned_rows(ref_scores: np.ndarray, floor_scores: np.ndarray,
+                         limit_nats: float) -> np.ndarray:
+    """(B, H, T) query rows of one attention layer whose probabilities the dtype cannot
+    resolve: the spread of the rounding floor's own error in the pre-softmax scores over the
+    row's visible keys (scores are log-probabilities up to a shift, so a spread of x nats moves
+    a probability ratio by up to e^x) exceeds `limit_nats`. There the best implementation in the dtype already misplaces the attention,
+    and which of two healthy roundings lands nearer the reference is luck: comparing them is a
+    lottery, the attention counterpart of top-1 on near-tied logits (`decisive_rows`)."""
+    r = np.asarray(ref_scores, np.float64)
+    f = np.asarray(floor_scores, np.float64)
+    vis = np.isfinite(r)
+    with np.errstate(invalid="ignore"):
+        d = np.where(np.isfinite(f), f, np.inf) - r  # signed score error
+    # softmax is shift-invariant: only the spread of the error over a row's visible keys moves
+    # its probabilities (one visible key: no spread, nothing to resolve)
+    hi = np.where(vis, d, -np.inf).max(axis=-1)
+    lo = np.where(vis, d, np.inf).min(axis=-1)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(vis.any(axis=-1), hi - lo, 0.0)
+    # a non-finite floor is a range problem (overflow), judged as such, not a conditioning one
+    return np.isfinite(spread) & (spread > limit_nats)
+
+
+def exclude_rows(site: str, valid: np.ndarray, ill: np.ndarray) -> np.ndarray:
+    """Drop ill-conditioned query rows (B, H, T) from a site's valid mask: whole rows of
+    `attn.probs`, the head's slice of `attn.context` (heads merged: (B, T, H*hd)), and the
+    token rows of `attn.out` where any head is ill-conditioned."""
+    if site.endswith("attn.probs"):
+        return valid & ~ill[..., None]
+    if site.endswith("attn.context"):
+        b, h, t = ill.shape
+        hd = valid.shape[-1] // h
+        return valid & ~np.repeat(ill.transpose(0, 2, 1), hd, axis=-1).reshape(b, t, h * hd)
+    if site.endswith("attn.out"):  # the projection mixes heads: a row with any such head
+        return valid & ~ill.any(axis=1)[..., None]
+    return valid
 
 
 def _t_axis_len(site, r):

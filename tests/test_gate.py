@@ -30,7 +30,7 @@ from parity.budgets import DEFAULT_FILE, tolerance
 from parity.checkpoint import open_checkpoint
 from parity.compare import Subject, compare
 from parity.gate import load_prompts, run_gate
-from parity.inputs import default_batch
+from parity.inputs import gate_batch
 from parity.recipes import make_checkpoint
 
 REPORT_FILES = ("summary.md", "index.html", "divergence.csv", "run.json")
@@ -535,7 +535,7 @@ def test_lockstep_figures_equal_compare(tiny_checkpoints):
     ck_dir = tiny_checkpoints["gptj"]
     res = run_gate(str(ck_dir))
     ck = open_checkpoint(ck_dir)
-    want = compare(ck, default_batch(ck.config, 16, seed=0), [Subject()], label=ck_dir.name)
+    want = compare(ck, gate_batch(ck.config, seed=0), [Subject()], label=ck_dir.name)
     key = ["mode", "site"]  # lockstep emits layer by layer, compare mode by mode
     got = res.divergence.sort_values(key, kind="stable").reset_index(drop=True)
     want = want.sort_values(key, kind="stable").reset_index(drop=True)

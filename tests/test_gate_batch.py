@@ -1,11 +1,13 @@
-"""The gate's built-in batch (issue 11, "the gate misses what the report finds").
+"""The gate's verdict must not hinge on the batch it happened to draw.
 
-parity.inputs.gate_batch: several varied rows (full, left-padded, a repeated motif), longer than
-GPT-Neo's local window, chosen by a targeted search on the float64 reference. What must hold:
-valid inputs for every family; no false alarm on the healthy tiny checkpoints for any seed; and
-the finding the report makes on gptj/stress/hf/fp16 (floor ratio 14.7 at blocks.1.attn.probs)
-must FAIL for every seed. The last does not hold yet (xfail, see benchmarks/README.md "Gate
-verdict stability"), so gate_batch is not wired into `parity gate`.
+On the GPT-J stress checkpoint the old 2 x 16 batch gave PASS or FAIL by seed, for healthy
+presets too (meg: attn.probs floor ratio 201-555 on 3 of 12 seeds): in the head whose scores the
+stress recipe makes huge, the rounding floor's own score error spreads over ~20 nats, so which
+of two healthy roundings lands nearer the reference is luck. Such rows are not judged
+(`metrics.ill_conditioned_rows`, budgets.toml `attention_resolvable`); the gate's batch
+(`inputs.gate_batch`) is larger and varied. What must hold: valid, varied inputs for every
+family; no false alarm on the tiny checkpoints for any seed; one verdict for every seed on the
+stress checkpoint, whichever batch.
 """
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ import numpy as np
 import pytest
 
 import reference
+from parity import budgets as B
+from parity import metrics as M
 from parity.checkpoint import open_checkpoint
 from parity.compare import overall
 from parity.fast import FastModel
-from parity.inputs import gate_batch, validate_inputs
+from parity.inputs import default_batch, gate_batch, validate_inputs
 from parity.lockstep import lockstep
 from parity.recipes import make_checkpoint
 
 SEEDS = (0, 1, 2)
+OLD_LOTTERY_SEEDS = (0, 3, 8)  # seeds of the old 2 x 16 batch whose verdict differed (meg, hf)
 
 
 def _gate(ckpt, inputs, dtype="float16", variant="hf"):
@@ -31,36 +36,54 @@ def _gate(ckpt, inputs, dtype="float16", variant="hf"):
 
 @pytest.mark.parametrize("family", reference.FAMILIES)
 def test_gate_batch_is_valid_and_varied(tiny_checkpoints, family):
-    ckpt = open_checkpoint(tiny_checkpoints[family])
-    cfg = ckpt.config
-    b = gate_batch(cfg, seed=0, weights=ckpt.weights())
+    cfg = open_checkpoint(tiny_checkpoints[family]).config
+    b = gate_batch(cfg, seed=0)
     validate_inputs(b, cfg, "gate_batch")
     rows, length = b.input_ids.shape
-    assert rows >= 4
+    assert rows >= 4 and rows * length > 2 * 16  # larger than the old 2 x 16 batch
     real = b.attention_mask.sum(axis=1)
     assert real.max() == length and real.min() < length  # full and left-padded rows
     assert (b.position_ids[b.attention_mask == 1].min()) == 0
-    if cfg.family == "gpt_neo":
+    if "local" in cfg.attention_layers:
         assert length > cfg.window_size
-    assert np.array_equal(gate_batch(cfg, seed=0, weights=ckpt.weights()).input_ids,
-                          b.input_ids)  # deterministic
-    assert not np.array_equal(gate_batch(cfg, seed=1, weights=ckpt.weights()).input_ids,
-                              b.input_ids)
+    assert np.array_equal(gate_batch(cfg, seed=0).input_ids, b.input_ids)  # deterministic
+    assert not np.array_equal(gate_batch(cfg, seed=1).input_ids, b.input_ids)
 
 
 @pytest.mark.parametrize("family", reference.FAMILIES)
 def test_tiny_checkpoints_pass_for_every_seed(tiny_checkpoints, family):
     ckpt = open_checkpoint(tiny_checkpoints[family])
-    verdicts = [_gate(ckpt, gate_batch(ckpt.config, seed=s, weights=ckpt.weights()))
-                for s in SEEDS]
+    verdicts = [_gate(ckpt, gate_batch(ckpt.config, seed=s)) for s in SEEDS]
     assert verdicts == ["pass"] * len(SEEDS)
 
 
-@pytest.mark.xfail(reason="issue 11 open: the targeted search does not yet find the near tie "
-                          "on every seed (benchmarks/README.md, Gate verdict stability)",
-                   strict=False)
-def test_gptj_stress_hf_fp16_fails_for_every_seed(tmp_path):
-    ckpt = open_checkpoint(make_checkpoint("gptj", tmp_path / "js", preset="stress"))
-    verdicts = [_gate(ckpt, gate_batch(ckpt.config, seed=s, weights=ckpt.weights()))
-                for s in range(5)]
-    assert verdicts == ["fail"] * 5
+@pytest.fixture(scope="module")
+def gptj_stress(tmp_path_factory):
+    return open_checkpoint(make_checkpoint("gptj", tmp_path_factory.mktemp("js") / "gptj",
+                                           preset="stress"))
+
+
+@pytest.mark.parametrize("variant", ["hf", "meg"])
+def test_the_stress_verdict_is_the_same_for_every_batch(gptj_stress, variant):
+    cfg = gptj_stress.config
+    batches = ([default_batch(cfg, 16, seed=s) for s in OLD_LOTTERY_SEEDS]
+               + [gate_batch(cfg, seed=s) for s in SEEDS])
+    verdicts = [_gate(gptj_stress, b, variant=variant) for b in batches]
+    assert len(set(verdicts)) == 1, verdicts
+
+
+def test_ill_conditioned_rows_are_those_the_floor_cannot_resolve():
+    limit = B.tolerance("attention_resolvable")
+    ref = np.array([[[[1e4, 1e4 - 3.0, -np.inf],      # near tie at large scores
+                      [1e4, 1e4 - 3.0, -np.inf],      # the same, floor error a uniform shift
+                      [5.0, -np.inf, -np.inf],        # one visible key: nothing to resolve
+                      [1.0, 0.5, 0.2]]]])             # small scores, small error
+    floor = ref + np.array([[[[2 * limit, -limit, 0.0],
+                              [7.0, 7.0, 0.0],
+                              [40.0, 0.0, 0.0],
+                              [1e-3, -1e-3, 0.0]]]])
+    ill = M.ill_conditioned_rows(ref, floor, limit)
+    assert ill.tolist() == [[[True, False, False, False]]]
+    valid = np.ones((1, 1, 4, 3), bool)
+    assert M.exclude_rows("blocks.0.attn.probs", valid, ill)[0, 0].all(axis=-1).tolist() == [
+        False, True, True, True]

@@ -343,3 +343,20 @@ def test_the_float64_row_of_a_policy_is_honoured(tiny_checkpoints, tmp_path):
     df = compare(ck, inp, [Subject("hf", "float64")], modes=("accumulated",), policy=strict)
     moved = df[df["rel_l2"] > 0]
     assert len(moved) and set(moved["verdict"]) == {"fail"}
+
+
+# ----------------------------------------------------------------------------- KL against the floor
+def test_kl_is_judged_against_what_the_dtype_itself_reaches():
+    """On OpenAI GPT stress bf16 the rounding floor's own KL reached 0.016 > kl_max 0.01: an
+    absolute limit there fails healthy subjects by lot. A subject at the fail budget may reach
+    floor_ratio_fail^2 x the floor's KL."""
+    b = B.budget_for(B.load_policy(), dtype="bfloat16")
+    floor_kl = 1.6 * b.kl_max
+    ok = _m(top1=1.0, kl=1.2 * b.kl_max, floor_kl=floor_kl)
+    assert verdict(ok, b, "logits", "bfloat16", "bfloat16")[0] == "pass"
+    bad = _m(top1=1.0, kl=1.01 * b.floor_ratio_fail ** 2 * floor_kl, floor_kl=floor_kl)
+    v, why = verdict(bad, b, "logits", "bfloat16", "bfloat16")
+    assert v == "fail" and "the floor's KL" in why
+    # where the floor is good, the absolute limit still decides
+    assert verdict(_m(top1=1.0, kl=1.1 * b.kl_max, floor_kl=1e-9), b, "logits", "bfloat16",
+                   "bfloat16")[0] == "fail"
