@@ -214,7 +214,7 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         figures["not_exposed"] = ", ".join(_kinds(hidden))
     what = (f"fast {subject.variant}" if impl == "fast" else
             f"transformers ({meta.get('attn_implementation', 'eager')})")
-    detail = (f"{what} {subject.dtype} on {subject.device}: "
+    detail = (f"{what} {meta.get('dtype', subject.dtype)} on {subject.device}: "
               + ("every site within budget" if first is None else
                  f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "
                  f"{first['reason']})")

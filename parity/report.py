@@ -115,7 +115,7 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
         table.add_row(r.family, r.checkpoint, r.variant, r.dtype,
                       Text(r.verdict.upper() if r.verdict != "pass" else "pass",
                            style=RICH_STYLE[r.verdict]),
-                      _num(r.logits_floor_ratio), _pct(r.logits_top1), first,
+                      _num(r.logits_floor_ratio), _pct(r.logits_top1, missing="n/a"), first,
                       r.main_cause if r.verdict != "pass" else "")
     return table
 
@@ -393,7 +393,9 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         "warn / fail: floor_ratio over the site's budgets (parity/budgets.toml), or non-finite "
         "values where the reference is finite (fail); overflow: the reference itself exceeds "
         "the dtype's range at that site. headroom = dtype max / max|reference|.",
-        "top1 = share of tokens whose arg-max logit matches the reference; KL = mean "
+        "top1 = share of decisive tokens (the reference's top-1 margin beyond what a subject "
+        "within budget may move) whose arg-max logit matches the reference; "
+        f"'{NO_TOP1}': not measured, no token was decisive; KL = mean "
         "KL(reference || subject) of the next-token distributions.",
         "divergence.csv holds every figure for every site; run.json the environment."]))
 
@@ -626,7 +628,7 @@ def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
             + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
             + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_rel_l2)),
                Cell(_num(r.logits_floor_ratio), r.logits_verdict or None),
-               Cell(_pct(r.logits_top1)), Cell(_num(r.logits_kl, ".2e"))]))
+               Cell(_pct(r.logits_top1, missing=NO_TOP1)), Cell(_num(r.logits_kl, ".2e"))]))
     return DocTable(head, tuple(rows))
 
 
@@ -653,9 +655,12 @@ def _num(x, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
-def _pct(x) -> str:
+NO_TOP1 = "n/a: no decisive rows"  # top-1 not measured: every logit row a near tie
+
+
+def _pct(x, missing: str = DASH) -> str:
     if x is None or pd.isna(x):
-        return DASH
+        return missing
     s = f"{100 * float(x):.1f}"
     return ("99.9" if s == "100.0" and float(x) < 1 else s) + "%"
 

@@ -589,3 +589,13 @@ def test_terminal_summary(frames):
     assert "findings on stress (do not decide the verdict): 3 of 8 subjects fail" in \
         text.replace("\n", " ").replace("  ", " ")
     assert report.terminal_summary(div, attr, problems_only=True).row_count == len(PLANTED)
+
+
+def test_top1_without_decisive_rows_reads_not_measured(tmp_path):
+    """A NaN top-1 (no decisive logit row) is 'not measured', never 100% or a bare dash."""
+    div = divergence_frame(keys=[(FAMILIES[0], CKPT, VARIANTS[0], DTYPES[0])])
+    div.loc[div["site"] == "logits", "top1"] = math.nan
+    paths = report.write_report(tmp_path / "r", div, None, RUN, TITLE)
+    md = paths["summary.md"].read_text()
+    assert report.NO_TOP1 in md and "100.0%" not in md
+    assert report.NO_TOP1 in paths["index.html"].read_text()
