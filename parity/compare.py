@@ -258,8 +258,11 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
         flo = None if floor_sites is None else floor_sites.get(site)
         valid = M.valid_mask(site, r, rows)
         note = ""
-        if flo is not None and site.endswith("attn.scores"):  # conditioning of this layer
-            state["ill"] = M.ill_conditioned_rows(r, flo, B.tolerance("attention_resolvable"))
+        if site.endswith("attn.scores") and dtype in M.UNIT_ROUNDOFF:  # this layer's conditioning
+            pre = site[: -len("scores")]
+            noise = M.score_noise(ref_sites.get(pre + "q"), ref_sites.get(pre + "k"), r,
+                                  dtypes.get(pre + "q", dtype), sdt)
+            state["ill"] = M.ill_conditioned_rows(noise, r, B.tolerance("attention_resolvable"))
             if rows is not None:
                 state["ill"] &= np.asarray(rows, bool)[:, None, :]
         elif site.endswith(("attn.probs", "attn.context", "attn.out")) and "ill" in state:
@@ -267,9 +270,10 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
             if ill.any():
                 valid = M.exclude_rows(site, valid, ill)
                 n_rows = ill.size if rows is None else int(np.asarray(rows).sum()) * ill.shape[1]
-                note = (f"{int(ill.sum())} of {n_rows} query rows not judged: the dtype cannot "
-                        f"resolve them (the rounding floor's own score error exceeds "
-                        f"{B.tolerance('attention_resolvable'):g} nat)")
+                note = (f"{int(ill.sum())} of {n_rows} query rows not judged: {dtype} cannot "
+                        f"resolve them (rounding puts more than "
+                        f"{B.tolerance('attention_resolvable'):g} nat of typical error into a "
+                        f"score)")
         # top-1 counts the rows a subject within budget cannot flip (DECISIVE_MARGIN)
         m = site_row(site, sub_sites[site], r, flo, rows, sdt, dtype,
                      margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail, valid=valid)

@@ -13,6 +13,10 @@ from reference.ops import round_to
 
 DTYPE_MAX = {"float16": 65504.0, "bfloat16": float.fromhex("0x1.fep127"),
              "float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+# unit roundoff u = 2^-(stored mantissa bits + 1): round-to-nearest moves a value by at most u
+# relative (uniformly within +-u for generic values, variance u^2/3)
+UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24,
+                 "float64": 2.0 ** -53}
 
 
 # ----------------------------------------------------------------------------- ULP distance
@@ -177,27 +181,41 @@ def valid_mask(site: str, ref: np.ndarray, token_rows: np.ndarray | None) -> np.
     return np.broadcast_to(m, r.shape)
 
 
-def ill_conditioned_rows(ref_scores: np.ndarray, floor_scores: np.ndarray,
-                         limit_nats: float) -> np.ndarray:
+def score_noise(q: np.ndarray, k: np.ndarray, scores: np.ndarray, qk_dtype: str,
+                score_dtype: str) -> np.ndarray:
+    """(B, H, T, Tk) the typical (one standard deviation) error, in nats, that rounding puts
+    into each pre-softmax score of any implementation storing q and k in `qk_dtype` and the
+    scores in `score_dtype`: each q_i k_i carries the relative rounding errors of both factors
+    (variance 2u^2/3 each product), the stored score its own (u_s^2/3). Computed from the
+    reference alone (q, k after rotary; the score scale fitted from scores = c q.k), so it
+    depends on neither the subject nor the rounding floor's luck."""
+    s = np.asarray(scores, np.float64)
+    vis = np.isfinite(s)
+    var = UNIT_ROUNDOFF.get(score_dtype, 0.0) ** 2 / 3.0 * np.where(vis, s, 0.0) ** 2
+    if q is None or k is None:
+        return np.sqrt(var)
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    if k.shape[:2] == q.shape[:2] and k.shape[2] == s.shape[-1]:  # no past keys held apart
+        raw = q @ k.transpose(0, 1, 3, 2)
+        rv = np.where(vis, raw, 0.0)
+        den = float(np.sum(rv * rv))
+        c = float(np.sum(np.where(vis, s, 0.0) * rv) / den) if den > 0 else 0.0
+        var = var + (2.0 / 3.0) * UNIT_ROUNDOFF.get(qk_dtype, 0.0) ** 2 * c * c * (
+            (q * q) @ (k * k).transpose(0, 1, 3, 2))
+    return np.sqrt(var)
+
+
+def ill_conditioned_rows(noise: np.ndarray, scores: np.ndarray, limit_nats: float) -> np.ndarray:
     """(B, H, T) query rows of one attention layer whose probabilities the dtype cannot
-    resolve: the spread of the rounding floor's own error in the pre-softmax scores over the
-    row's visible keys (scores are log-probabilities up to a shift, so a spread of x nats moves
-    a probability ratio by up to e^x) exceeds `limit_nats`. There the best implementation in the dtype already misplaces the attention,
-    and which of two healthy roundings lands nearer the reference is luck: comparing them is a
-    lottery, the attention counterpart of top-1 on near-tied logits (`decisive_rows`)."""
-    r = np.asarray(ref_scores, np.float64)
-    f = np.asarray(floor_scores, np.float64)
-    vis = np.isfinite(r)
-    with np.errstate(invalid="ignore"):
-        d = np.where(np.isfinite(f), f, np.inf) - r  # signed score error
-    # softmax is shift-invariant: only the spread of the error over a row's visible keys moves
-    # its probabilities (one visible key: no spread, nothing to resolve)
-    hi = np.where(vis, d, -np.inf).max(axis=-1)
-    lo = np.where(vis, d, np.inf).min(axis=-1)
-    with np.errstate(invalid="ignore"):
-        spread = np.where(vis.any(axis=-1), hi - lo, 0.0)
-    # a non-finite floor is a range problem (overflow), judged as such, not a conditioning one
-    return np.isfinite(spread) & (spread > limit_nats)
+    resolve: some visible key's score carries a typical rounding error (`score_noise`) above
+    `limit_nats` while the row has two or more keys to weigh. Scores are log-probabilities up to
+    a shift, so an error of x nats moves a probability ratio by e^x: past 1 nat, which of two
+    healthy roundings lands nearer the reference is luck, and comparing them is a lottery (the
+    attention counterpart of top-1 on near-tied logits, `decisive_rows`)."""
+    vis = np.isfinite(np.asarray(scores))
+    worst = np.where(vis, noise, 0.0).max(axis=-1)
+    return (vis.sum(axis=-1) >= 2) & (worst > limit_nats)
 
 
 def exclude_rows(site: str, valid: np.ndarray, ill: np.ndarray) -> np.ndarray:
