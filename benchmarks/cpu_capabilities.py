@@ -86,25 +86,6 @@ def pytest_configure(config):  # `python -m pytest -p benchmarks.cpu_capabilitie
 
 
 # ----------------------------------------------------------------------------- figures
-def lockstep(fast, ck, variant, dtype, a: dict, b: dict, inp):
-    """As tests/test_fast.py: two FastModels, both fed model `a`'s stream, block by block."""
-    ma, mb = fast.FastModel(ck, variant, dtype, **a), fast.FastModel(ck, variant, dtype, **b)
-    ca, cb = ma.prepare(inp), mb.prepare(inp)
-    h = ma.embed(ca)
-    mb.embed(cb)
-    for i in range(ck.config.n_layer):
-        mb.block(cb, i, h)
-        h = ma.block(ca, i, h)
-    ma.head(ca, h)
-    mb.head(cb, h)
-    return ca.trace, cb.trace
-
-
-def token_rows(inp) -> np.ndarray:
-    t = inp.input_ids.shape[1]
-    return np.asarray(inp.attention_mask)[:, -t:] != 0
-
-
 def model_figures() -> dict:
     import torch
 
@@ -113,7 +94,8 @@ def model_figures() -> dict:
     from parity import fast, hf_adapter
     from parity.budgets import tolerance
     from parity.checkpoint import load_checkpoint
-    from parity.compare import block_inputs, forward_local
+    from parity.compare import block_inputs, forward_local, token_rows
+    from tests.test_fast import lockstep  # two FastModels fed one stream, block by block
     from parity.inputs import default_batch
     from parity.metrics import ulp_distance, valid_mask
     from parity.recipes import make_checkpoint
@@ -141,7 +123,7 @@ def model_figures() -> dict:
                                       hf[s][valid_mask(s, ref[s], rows)]) for s in hf.sites)
             out["native_bitwise"][key] = [int(same), len(hf.sites)]
             binp = default_batch(ck.config)
-            emu, natl = lockstep(fast, ck, "hf", dtype, dict(emulate=True), dict(emulate=False),
+            emu, natl = lockstep(ck, "hf", dtype, dict(emulate=True), dict(emulate=False),
                                  binp)
             brows = token_rows(binp)
             shares = {}
