@@ -37,7 +37,7 @@ FAMILIES = reference.FAMILIES
 FLOAT64_TOL = {"gpt2": "float64_exact", "gptmeg": "float64_exact", "openai-gpt": "float64_exact",
                "gpt_neo": "reference_vs_hf_gpt_neo", "gptj": "hf_adapter_gptj_float64"}
 # every (family, attention implementation) the adapter offers, run in float64
-IMPLS = [(f, a) for f in FAMILIES for a in hf_adapter.ATTN_IMPLEMENTATIONS[f]]
+IMPLS = [(f, a) for f in FAMILIES for a in reference.family(f).hf_attn_implementations]
 IMPL_TOL = {("gptj", "sdpa"): "hf_adapter_gptj_float64"}
 
 
