@@ -58,7 +58,7 @@ class UnknownFamily(ValueError):
     """A family name (HF model_type) the registry has no entry for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
     """One family's facts (MODEL_NOTES.md); built by keyword, one entry per family."""
 
