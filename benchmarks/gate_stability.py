@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import reference  # noqa: E402
 from parity.checkpoint import open_checkpoint  # noqa: E402
 from parity.compare import overall  # noqa: E402
 from parity.fast import FastModel  # noqa: E402
@@ -30,7 +31,7 @@ from parity.inputs import default_batch, gate_batch  # noqa: E402
 from parity.lockstep import lockstep  # noqa: E402
 from parity.recipes import make_checkpoint  # noqa: E402
 
-FAMILIES = ("openai-gpt", "gpt2", "gpt_neo", "gptj", "gptmeg")
+FAMILIES = reference.FAMILIES
 SHORT = {"pass": "P", "warn": "W", "fail": "F", "overflow": "O", "unmeasured": "U"}
 
 

@@ -3,8 +3,9 @@
 Accepted layouts (DESIGN.md "Checkpoints"): `config.json` plus one of `model.safetensors`,
 `model.safetensors.index.json` (shards), `pytorch_model.bin` (loaded only with
 `weights_only=True`; pickled code is refused) or `pytorch_model.bin.index.json`.
-Keys may carry the `transformer.` prefix or not; legacy buffers (`attn.bias`, `attn.masked_bias`)
-are ignored; a tied LM head may be absent. Canonical names are the HF keys without the prefix.
+Keys may carry the family's key prefix (`transformer.`) or not; the family's legacy buffers
+(`attn.bias`, `attn.masked_bias`) are ignored; a tied LM head may be absent. Canonical names are
+the HF keys without the prefix. The names are facts of the family registry (`reference.families`).
 """
 from __future__ import annotations
 
@@ -24,14 +25,20 @@ from reference.config import ConfigError, ModelConfig
 
 from .errors import CheckpointError, StructureError
 
-LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(attention\.)?(bias|masked_bias)$")
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                       "F64": torch.float64}
 
 
-def canonical_key(key: str) -> str:
-    return key[len("transformer."):] if key.startswith("transformer.") else key
+def canonical_key(key: str, family: str) -> str:
+    """A stored key without the family's key prefix."""
+    return reference.family(family).canonical_key(key)
+
+
+def is_legacy_buffer(name: str, family: str) -> bool:
+    """A per-layer buffer old HF checkpoints carry (`h.3.attn.masked_bias`): not a weight."""
+    m = re.fullmatch(r"h\.\d+\.(.+)", name)
+    return m is not None and m.group(1) in reference.family(family).legacy_buffers
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -128,8 +135,10 @@ class Checkpoint:
         return LazyWeights(self)
 
     def _entry(self, name: str) -> Entry:
-        if name == "lm_head.weight" and name not in self.entries and self.config.tie_word_embeddings:
-            name = "tokens_embed.weight" if self.config.family == "openai-gpt" else "wte.weight"
+        fam = reference.family(self.config.family)
+        if name == fam.lm_head + ".weight" and name not in self.entries \
+                and self.config.tie_word_embeddings:
+            name = fam.tok + ".weight"  # a tied head is the token embedding
         if name not in self.entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         return self.entries[name]
@@ -346,13 +355,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "pytorch_model.bin)"
         )
     ckpt = Checkpoint(path=path, config=config, entries={}, fmt=fmt)
+    head = reference.family(config.family).lm_head + ".weight"
     for f, items in files:
         for key, shape, dt in items:
-            name = canonical_key(key)
-            if LEGACY_BUFFER.match(name):
+            name = canonical_key(key, config.family)
+            if is_legacy_buffer(name, config.family):
                 ckpt.ignored.append(key)
                 continue
-            if name == "lm_head.weight" and config.tie_word_embeddings:
+            if name == head and config.tie_word_embeddings:
                 ckpt.ignored.append(key)  # tied: the embedding is the head, if they agree
                 ckpt.tied_head = Entry(f, key, shape, dt)
                 continue

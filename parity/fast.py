@@ -259,7 +259,7 @@ class Numerics:
         return self.r(y)
 
 
-# ----------------------------------------------------------------------------- family layouts
+# ----------------------------------------------------------------------------- score scales
 def _scale_gpt2(cfg, i):
     """(multiplier, divisor) of the scores; HF v5 multiplies by head_dim**-0.5 / (layer + 1)."""
     mul, div = 1.0, 1.0
@@ -278,40 +278,9 @@ def _scale_none(cfg, i):
     return None  # GPT-Neo: no scaling at all
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where each family keeps its weights and how its block is wired (MODEL_NOTES.md)."""
-
-    tok: str
-    pos: str | None
-    conv1d: bool  # Conv1D [in, out] (addmm) vs nn.Linear [out, in]
-    qkv: tuple[str, ...]  # one fused c_attn (with bias) or q/k/v projections (no bias)
-    out_proj: str
-    out_bias: bool
-    fc_in: str
-    fc_out: str
-    block: str  # pre | post | parallel
-    ln_f: bool
-    scale: Callable
-    rotary: bool = False
-
-
-GPT2_LAYOUT = Layout("wte", "wpe", True, ("attn.c_attn",), "attn.c_proj", True, "mlp.c_fc",
-                     "mlp.c_proj", "pre", True, _scale_gpt2)
-LAYOUTS = {
-    "gpt2": GPT2_LAYOUT,
-    "gptmeg": GPT2_LAYOUT,
-    "openai-gpt": Layout("tokens_embed", "positions_embed", True, ("attn.c_attn",),
-                         "attn.c_proj", True, "mlp.c_fc", "mlp.c_proj", "post", False,
-                         _scale_sqrt),
-    "gpt_neo": Layout("wte", "wpe", False, ("attn.attention.q_proj", "attn.attention.k_proj",
-                                            "attn.attention.v_proj"),
-                      "attn.attention.out_proj", True, "mlp.c_fc", "mlp.c_proj", "pre", True,
-                      _scale_none),
-    "gptj": Layout("wte", None, False, ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
-                   "attn.out_proj", False, "mlp.fc_in", "mlp.fc_out", "parallel", True,
-                   _scale_sqrt, rotary=True),
-}
+# the score-scale rules of the registry (`Family.scale`)
+SCALES: dict[str, Callable] = {"config": _scale_gpt2, "inv_sqrt_hd": _scale_sqrt,
+                               "none": _scale_none}
 
 
 # ----------------------------------------------------------------------------- context
@@ -359,9 +328,11 @@ class FastModel:
                  variant: str | None = None):
         self.ckpt, self.cfg = ckpt, ckpt.config
         self.family = self.cfg.family
-        if self.family not in LAYOUTS:
-            raise ParityError(f"fast path: no layout for family {self.family!r}")
-        self.layout = LAYOUTS[self.family]
+        try:
+            # where the family keeps its weights and how its block is wired
+            self.fam = reference.family(self.family)
+        except reference.UnknownFamily as e:
+            raise ParityError(f"fast path: {e}") from None
         if knobs is None or isinstance(knobs, str):
             variant = variant or knobs or "hf"
             knobs = parse_variant(variant, self.family, self.cfg)
@@ -508,7 +479,7 @@ class FastModel:
     def proj(self, x, prefix: str, bias: bool = True):
         """Conv1D (weight [in, out]) or nn.Linear (weight [out, in]) of this family."""
         w = self.w(prefix + ".weight")
-        return self.num.linear(x, w if self.layout.conv1d else w.t(),
+        return self.num.linear(x, w if self.fam.conv1d else w.t(),
                                self.w(prefix + ".bias") if bias else None)
 
     def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
@@ -522,9 +493,10 @@ class FastModel:
 
     def embed(self, ctx: FastContext, ids=None) -> torch.Tensor:
         ids = ctx.ids if ids is None else torch.as_tensor(np.asarray(ids), device=ctx.ids.device)
-        h = self.lookup(self.layout.tok + ".weight", ids)
-        if self.layout.pos is not None:
-            h = self.num.r(h + self.lookup(self.layout.pos + ".weight", ctx.position_ids))
+        tok, *pos = self.fam.embeddings
+        h = self.lookup(tok, ids)
+        if pos:
+            h = self.num.r(h + self.lookup(pos[0], ctx.position_ids))
         return ctx.site("embed", h)
 
     def _stream(self, h) -> torch.Tensor:
@@ -537,7 +509,7 @@ class FastModel:
         stream), which is rounded to the subject dtype first."""
         h = self._stream(h)
         s, p, r = f"blocks.{i}.", f"h.{i}.", self.num.r
-        kind = self.layout.block
+        kind = self.fam.block
         if kind == "pre":
             a = self.attention(ctx, i, ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1")))
             h = ctx.site(s + "resid_mid", r(a + h))  # HF: attn_output + residual
@@ -550,32 +522,33 @@ class FastModel:
             m = self.mlp(ctx, i, n)
             h = ctx.site(s + "resid_post", r(n + m))
             return ctx.site(s + "ln_2", self.layer_norm(h, p + "ln_2"))
-        x = ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1"))  # parallel (GPT-J)
+        assert kind == "parallel", kind
+        x = ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1"))  # one LN feeds both branches
         a = self.attention(ctx, i, x)
         m = self.mlp(ctx, i, x)
         return ctx.site(s + "resid_post", r(r(a + m) + h))  # HF: attn + ff + residual
 
     def mlp(self, ctx: FastContext, i: int, x) -> torch.Tensor:
         s, p = f"blocks.{i}.mlp.", f"h.{i}."
-        a = ctx.site(s + "fc_in", self.proj(x, p + self.layout.fc_in))
+        a = ctx.site(s + "fc_in", self.proj(x, p + self.fam.fc_in))
         a = ctx.site(s + "act", self.num.gelu(a, self.knobs.gelu, self.cfg.activation))
-        return ctx.site(s + "out", self.proj(a, p + self.layout.fc_out))
+        return ctx.site(s + "out", self.proj(a, p + self.fam.fc_out))
 
     def attention(self, ctx: FastContext, i: int, x) -> torch.Tensor:
-        cfg, lay, p = self.cfg, self.layout, f"h.{i}."
+        cfg, fam, p = self.cfg, self.fam, f"h.{i}."
         b, t, d = x.shape
         H, hd = cfg.n_head, cfg.head_dim
-        if len(lay.qkv) == 1:
-            q, k, v = self.proj(x, p + lay.qkv[0]).split(d, dim=-1)
+        if fam.fused_qkv:
+            q, k, v = self.proj(x, p + fam.qkv[0], bias=fam.qkv_bias).split(d, dim=-1)
         else:
-            q, k, v = (self.proj(x, p + name, bias=False) for name in lay.qkv)
+            q, k, v = (self.proj(x, p + name, bias=fam.qkv_bias) for name in fam.qkv)
         q, k, v = (z.reshape(b, t, H, hd) for z in (q, k, v))
-        if lay.rotary:
+        if fam.rotary:
             q, k = self.rotary(ctx, q), self.rotary(ctx, k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         context = self.attend(ctx, i, q, k, v)
         return ctx.site(f"blocks.{i}.attn.out",
-                        self.proj(context, p + lay.out_proj, bias=lay.out_bias))
+                        self.proj(context, p + fam.out_proj, bias=fam.out_bias))
 
     def attend(self, ctx: FastContext, i: int, q, k, v) -> torch.Tensor:
         """Scores, mask, softmax, P.V under the knobs; records q/k/v/scores/probs/context and
@@ -588,7 +561,7 @@ class FastModel:
             pk, pv = ctx.past[i]
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         ctx.present[i] = (k, v)
-        scale = self.layout.scale(self.cfg, i)  # (multiplier, divisor) or None
+        scale = self.scale(i)  # (multiplier, divisor) or None
         vis = self.visible(ctx, i)
         if kn.attn_scores == "sdpa":
             out = self._sdpa(ctx, i, q, k, v, 1.0 if scale is None else scale[0], vis)
@@ -618,6 +591,10 @@ class FastModel:
             out = num.matmul(probs, v)
         b, h, t, hd = out.shape
         return ctx.site(pre + "context", out.transpose(1, 2).reshape(b, t, h * hd))
+
+    def scale(self, i: int):
+        """(multiplier, divisor) of layer i's scores under the family's scale rule, or None."""
+        return SCALES[self.fam.scale](self.cfg, i)
 
     def _sdpa(self, ctx, i, q, k, v, scale: float, vis) -> torch.Tensor:
         """torch's fused attention. Emulated: scores and probabilities stay fp32 (never rounded),
@@ -687,11 +664,12 @@ class FastModel:
 
     def head(self, ctx: FastContext, h) -> torch.Tensor:
         h = self._stream(h)
-        if self.layout.ln_f:
+        if self.fam.ln_f:
             h = ctx.site("ln_f", self.layer_norm(h, "ln_f"))
         tied = self.cfg.tie_word_embeddings
-        name = self.layout.tok + ".weight" if tied else "lm_head.weight"
-        bias = self.w("lm_head.bias") if self._has("lm_head.bias") else None
+        name = self.fam.tok + ".weight" if tied else self.fam.lm_head + ".weight"
+        bias_name = self.fam.lm_head + ".bias"
+        bias = self.w(bias_name) if self._has(bias_name) else None
         if self.cache_weights or name in self._w:
             logits = self.num.linear(h, self.w(name).t(), bias)
         else:  # bounded memory: the vocabulary in chunks, each output element computed alike

@@ -149,7 +149,7 @@ def site_order(family: str | None, names: list[str]) -> list[str]:
     of the trace is lost on disk): the family's site scheme first, unknown names after it."""
     import reference
 
-    if family not in reference.BLOCK_SITES:
+    if family not in reference.FAMILIES:
         return names
     layers = [int(n.split(".")[1]) for n in names
               if n.startswith("blocks.") and n.split(".")[1].isdigit()]

@@ -130,16 +130,17 @@ def golden_sites(family: str, n_layer: int) -> list[str]:
     """The sites kept: the embedding, every block's output, the attention scores of one layer,
     the final LayerNorm and the logits: enough to say in which block a change enters, within the
     size budget (a layer's mlp.fc_in/act alone would cost as much as four block outputs)."""
-    from reference.sites import HAS_LN_F, block_output_site
+    from reference.families import family as family_facts
 
-    out = block_output_site(family)
+    fam = family_facts(family)
+    out = fam.block_output
     d = min(DETAIL_LAYER, n_layer - 1)
     names = ["embed"]
     for i in range(n_layer):
         if i == d:
             names.append(f"blocks.{i}.attn.scores")
         names.append(f"blocks.{i}.{out}")
-    return names + (["ln_f"] if HAS_LN_F[family] else []) + ["logits"]
+    return names + (["ln_f"] if fam.ln_f else []) + ["logits"]
 
 
 # ----------------------------------------------------------------------------- device classes
@@ -491,7 +492,9 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
     here = local_classes()
     bad = [c for c in (classes or []) if c not in here]
     if bad:
-        s = Spec("gpt2", "fast", "float16", "hf", bad[0])
+        from reference.families import FAMILIES
+
+        s = Spec(FAMILIES[0], "fast", "float16", "hf", bad[0])  # any family: the class decides
         raise ParityError(f"cannot generate device class {bad[0]!r} here: "
                           f"{unavailable(s, None) or 'not a device class of this machine'}")
     specs = plan(families, classes)

@@ -9,7 +9,8 @@ What it does, and why:
 - Loads the whole model (`from_pretrained`, `local_files_only=True`) in the requested dtype,
   device and attention implementation (default "eager", the only one that exposes scores and
   probabilities). A weight the file lacks is an error, never a random init.
-- GPTMeg (model_type "gptmeg") is not in transformers. It is loaded as GPT-2 from the same
+- GPTMeg (model_type "gptmeg") is not in transformers. It is loaded as GPT-2 (the registry's
+  `hf_stand_in`) from the same
   config.json, with the parts of the GPTMeg branch (HF PR #14084, MODEL_NOTES section 5) that can
   be installed without touching transformers' code:
     (a) LayerNorm computed on fp32 copies of x, gain and bias and cast back, for fp16 inputs only
@@ -26,8 +27,8 @@ What it does, and why:
 - Sites are read where transformers materialises them (table `TAPS`): module outputs and inputs,
   the new rows of the KV cache the model returns (attn.k / attn.v; for GPT-J that is k after
   rotary), and the input of the attention's softmax (attn.scores, eager only), caught by a
-  TorchFunctionMode that is active only inside the attention module. `HF_SITES[family]` lists
-  what is exposed; GPT-J's q after rotary never leaves its attention function, so GPT-J has no
+  TorchFunctionMode that is active only inside the attention module. The table is derived from the
+  family registry's names and wiring (`taps`); `HF_SITES[family]` lists what is exposed; GPT-J's q after rotary never leaves its attention function, so GPT-J has no
   attn.q. With attn_implementation "sdpa" there are no scores and no probabilities.
 - Values are the HF tensors converted to float64 NumPy exactly; `trace.dtypes` keeps the dtype
   that produced each (GPT-Neo's and GPT-J's scores are float32 in a half model: HF upcasts them).
@@ -54,8 +55,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-import reference
-from reference.sites import BLOCK_SITES, site_names
+from reference.families import FAMILIES, family
+from reference.sites import site_names
 from reference.trace import Recorder, Trace
 
 from .errors import ParityError
@@ -72,65 +73,43 @@ OUT, IN, WEIGHTS, HEADS, SOFTMAX_IN = "out", "in", "weights", "heads", "softmax_
 QKV = ("qkv0", "qkv1", "qkv2")
 CACHE_K, CACHE_V = ("", "cache_k"), ("", "cache_v")
 
-_GPT2 = {
-    "ln_1": ("ln_1", OUT),
-    "attn.q": ("attn.c_attn", QKV[0]),
-    "attn.k": CACHE_K,
-    "attn.v": CACHE_V,
-    "attn.scores": ("attn", SOFTMAX_IN),
-    "attn.probs": ("attn", WEIGHTS),
-    "attn.context": ("attn.c_proj", IN),
-    "attn.out": ("attn.c_proj", OUT),
-    "resid_mid": ("ln_2", IN),
-    "ln_2": ("ln_2", OUT),
-    "mlp.fc_in": ("mlp.c_fc", OUT),
-    "mlp.act": ("mlp.c_proj", IN),
-    "mlp.out": ("mlp.c_proj", OUT),
-    "resid_post": ("", OUT),
-}
-# Where each block site is read, per family: (module path inside block i, how).
-TAPS: dict[str, dict[str, tuple[str, str]]] = {
-    "gpt2": _GPT2,
-    "gptmeg": _GPT2,
-    "openai-gpt": {  # post-LN; no cache in transformers, so k and v come from c_attn
-        **_GPT2,
-        "attn.k": ("attn.c_attn", QKV[1]),
-        "attn.v": ("attn.c_attn", QKV[2]),
-        "resid_mid": ("ln_1", IN),
-        "ln_1": ("ln_1", OUT),
-        "resid_post": ("ln_2", IN),
-        "ln_2": ("", OUT),
-    },
-    "gpt_neo": {
-        **_GPT2,
-        "attn.q": ("attn.attention.q_proj", HEADS),
-        "attn.scores": ("attn.attention", SOFTMAX_IN),
-        "attn.probs": ("attn.attention", WEIGHTS),
-        "attn.context": ("attn.attention.out_proj", IN),
-        "attn.out": ("attn.attention.out_proj", OUT),
-    },
-    "gptj": {  # parallel block; q after rotary is not reachable (see module docstring)
-        "ln_1": ("ln_1", OUT),
-        "attn.k": CACHE_K,
-        "attn.v": CACHE_V,
-        "attn.scores": ("attn", SOFTMAX_IN),
-        "attn.probs": ("attn", WEIGHTS),
-        "attn.context": ("attn.out_proj", IN),
-        "attn.out": ("attn.out_proj", OUT),
-        "mlp.fc_in": ("mlp.fc_in", OUT),
-        "mlp.act": ("mlp.fc_out", IN),
-        "mlp.out": ("mlp.fc_out", OUT),
+
+
+def taps(fam) -> dict[str, tuple[str, str]]:
+    """Where each block site of a family is read: site kind -> (module path inside block i, how).
+    Derived from the registry's names and wiring (`reference.families`)."""
+    attn = fam.attn_module
+    t = {"ln_1": ("ln_1", OUT)}
+    if fam.fused_qkv:  # q (and, without a cache, k and v) are thirds of the fused output
+        t["attn.q"] = (fam.qkv[0], QKV[0])
+    elif not fam.rotary:  # q after rotary never leaves the attention function
+        t["attn.q"] = (fam.qkv[0], HEADS)
+    if fam.hf_cache:  # k (after rotary) and v: the new rows of the returned cache
+        t["attn.k"], t["attn.v"] = CACHE_K, CACHE_V
+    else:
+        t["attn.k"], t["attn.v"] = (fam.qkv[0], QKV[1]), (fam.qkv[0], QKV[2])
+    t.update({
+        "attn.scores": (attn, SOFTMAX_IN),
+        "attn.probs": (attn, WEIGHTS),
+        "attn.context": (fam.out_proj, IN),
+        "attn.out": (fam.out_proj, OUT),
+        "mlp.fc_in": (fam.fc_in, OUT),
+        "mlp.act": (fam.fc_out, IN),
+        "mlp.out": (fam.fc_out, OUT),
         "resid_post": ("", OUT),
-    },
-}
+    })
+    if fam.block == "pre":
+        t.update({"resid_mid": ("ln_2", IN), "ln_2": ("ln_2", OUT)})
+    elif fam.block == "post":  # the LayerNorms follow the residual sums
+        t.update({"resid_mid": ("ln_1", IN), "ln_1": ("ln_1", OUT),
+                  "resid_post": ("ln_2", IN), "ln_2": ("", OUT)})
+    return t
+
+
+TAPS: dict[str, dict[str, tuple[str, str]]] = {f: taps(family(f)) for f in FAMILIES}
 # The block sites the adapter exposes per family with eager attention, in execution order.
-HF_SITES = {f: tuple(k for k in BLOCK_SITES[f] if k in TAPS[f]) for f in BLOCK_SITES}
+HF_SITES = {f: tuple(k for k in family(f).block_sites if k in TAPS[f]) for f in FAMILIES}
 EAGER_ONLY = ("attn.scores", "attn.probs")  # need the softmax and the weights of eager attention
-# attention implementations per family ("baddbmm": GPTMeg's override, registered by us)
-ATTN_IMPLEMENTATIONS = {
-    "gpt2": ("eager", "sdpa"), "gptmeg": ("eager", "baddbmm", "sdpa"), "openai-gpt": ("eager",),
-    "gpt_neo": ("eager",), "gptj": ("eager", "sdpa"),
-}
 EAGER_LIKE = ("eager", "baddbmm")
 
 
@@ -162,23 +141,24 @@ def load(ckpt, dtype: str = "float32", device: str = "cpu", attn_implementation:
     """The checkpoint as a transformers causal LM in eval mode, on `device`, in `dtype`.
     Returns (model, attn_implementation actually used)."""
     transformers = import_transformers()
-    family = ckpt.config.family
+    fam = family(ckpt.config.family)
     impl = attn_implementation or "eager"
-    if impl not in ATTN_IMPLEMENTATIONS[family]:
+    if impl not in fam.hf_attn_implementations:
         raise ParityError(
-            f"--impl hf: attention implementation {impl!r} is not available for {family} in this "
-            f"adapter (choose from {', '.join(ATTN_IMPLEMENTATIONS[family])})")
+            f"--impl hf: attention implementation {impl!r} is not available for {fam.name} in "
+            f"this adapter (choose from {', '.join(fam.hf_attn_implementations)})")
     tdtype = getattr(torch, normalize_dtype(dtype))
     kw = {"dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype": tdtype}
     kw.update(local_files_only=True, output_loading_info=True,
               attn_implementation=GPTMEG_BADDBMM if impl == "baddbmm" else impl)
     try:
         with _quiet(transformers):
-            if family == "gptmeg":
+            if fam.hf_stand_in:  # not in transformers: run as the class it stands in for
                 if impl == "baddbmm":
                     _register_gptmeg_attention(transformers)
-                config = transformers.GPT2Config(**_gpt2_fields(ckpt.config))
-                model, info = transformers.GPT2LMHeadModel.from_pretrained(
+                config_cls, model_cls = fam.hf_stand_in
+                config = getattr(transformers, config_cls)(**_stand_in_fields(ckpt.config))
+                model, info = getattr(transformers, model_cls).from_pretrained(
                     str(ckpt.path), config=config, **kw)
             else:
                 auto = transformers.AutoModelForCausalLM
@@ -194,7 +174,7 @@ def load(ckpt, dtype: str = "float32", device: str = "cpu", attn_implementation:
     if missing or bad:
         raise ParityError(f"{ckpt.path}: transformers would run with weights it did not load "
                           f"(missing {missing[:4]}, mismatched {bad[:4]})")
-    if family == "gptmeg":
+    if fam.megatron:
         install_gptmeg(model, ckpt.config)
     return model.to(device).eval(), impl
 
@@ -216,12 +196,13 @@ def _tied(model, key: str) -> bool:
     return key.startswith("lm_head.") and bool(getattr(model.config, "tie_word_embeddings", True))
 
 
-def _gpt2_fields(cfg) -> dict:
-    """GPTMeg's config.json as GPT-2 config fields: GPT2Config is what the GPTMeg branch copied;
-    its gelu is installed afterwards (transformers has no 'gelu_megatron')."""
+def _stand_in_fields(cfg) -> dict:
+    """A config.json as fields of the stand-in config class (GPTMeg's: GPT2Config, which the
+    GPTMeg branch copied); Megatron's gelu is installed afterwards (transformers has no
+    'gelu_megatron')."""
     d = {k: v for k, v in cfg.raw.items() if k not in ("model_type", "architectures", "auto_map")}
     d["activation_function"] = "gelu_new" if cfg.activation == "gelu_megatron" else cfg.activation
-    d["architectures"] = ["GPT2LMHeadModel"]
+    d["architectures"] = [family(cfg.family).hf_stand_in[1]]
     return d
 
 
@@ -309,11 +290,11 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
     """One forward pass of a loaded model (from `load`), with the requested sites captured."""
     transformers = import_transformers()
 
-    family = cfg.family
+    fam = family(cfg.family)
     ids = np.asarray(inputs.input_ids, dtype=np.int64)
     b, t = ids.shape
-    if past is not None and family == "openai-gpt":
-        raise ParityError("--impl hf: OpenAI GPT has no key/value cache in transformers")
+    if past is not None and not fam.hf_cache:
+        raise ParityError(f"--impl hf: {fam.hf_class} has no key/value cache in transformers")
     past_len = past[0][0].shape[2] if past else 0
     mask = inputs.attention_mask
     mask = np.ones((b, past_len + t), np.int64) if mask is None else np.asarray(mask, np.int64)
@@ -326,19 +307,19 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     device = next(model.parameters()).device
-    trace = Trace(family=family, input_ids=ids, attention_mask=mask, position_ids=pos,
+    trace = Trace(family=fam.name, input_ids=ids, attention_mask=mask, position_ids=pos,
                   meta={"producer": f"transformers {transformers.__version__} "
                                     f"{type(model).__name__} ({attn_implementation})",
                         "impl": "hf", "transformers": transformers.__version__,
                         "attn_implementation": attn_implementation, "dtype": dtype,
                         "device": str(device), "note": NOTE})
-    if family == "gptmeg":
+    if fam.megatron:
         trace.meta["gptmeg"] = gptmeg_overrides(model, attn_implementation)
     rec = Recorder(trace, sites, dtype)
     tap = _Taps(model, cfg, rec, eager=attn_implementation in EAGER_LIKE)
     kw = dict(attention_mask=torch.as_tensor(mask, device=device),
               position_ids=torch.as_tensor(pos, device=device))
-    if family == "openai-gpt":
+    if not fam.hf_cache:
         kw["output_attentions"] = tap.wants_kind("attn.probs")
     else:
         kw["use_cache"] = True
@@ -348,10 +329,10 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
             out = model(torch.as_tensor(ids, device=device), **kw)
     except RuntimeError as e:  # e.g. GPT-2's reorder_and_upcast_attn refuses float64
         raise ParityError(f"--impl hf: transformers {transformers.__version__} failed to run "
-                          f"this {family} model in {dtype}: {str(e).splitlines()[0]}") from None
+                          f"this {fam.name} model in {dtype}: {str(e).splitlines()[0]}") from None
     finally:
         tap.remove()
-    if family == "openai-gpt":
+    if not fam.hf_cache:
         cache = tap.present
     else:
         cache = _cache_layers(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
@@ -360,7 +341,7 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
             tap.record(f"blocks.{i}.attn.v", v[:, :, -t:])
     trace.cache = [(_np(k), _np(v)) for k, v in cache]
     tap.record("logits", out.logits, force=True)
-    order = {s: n for n, s in enumerate(site_names(family, cfg.n_layer))}
+    order = {s: n for n, s in enumerate(site_names(fam.name, cfg.n_layer))}
     trace.sites = dict(sorted(trace.sites.items(), key=lambda kv: order[kv[0]]))
     return trace
 
@@ -410,6 +391,7 @@ class _Taps:
 
     def __init__(self, model, cfg, rec: Recorder, eager: bool = True):
         self.cfg, self.rec, self.family = cfg, rec, cfg.family
+        self.fam = family(cfg.family)
         self.skip = () if eager else EAGER_ONLY  # sdpa: no softmax, no weights
         self.handles: list = []
         self.present: list = []  # OpenAI GPT: (k, v) per layer from c_attn
@@ -418,7 +400,7 @@ class _Taps:
             self._hook(body.h[0], IN, lambda x: self.record("embed", x))
         for i, block in enumerate(body.h):
             self._block(i, block)
-        if reference.sites.HAS_LN_F[self.family] and rec.wants("ln_f"):
+        if self.fam.ln_f and rec.wants("ln_f"):
             self._hook(body.ln_f, OUT, lambda x: self.record("ln_f", x))
 
     def wants_kind(self, kind: str) -> bool:
@@ -444,8 +426,8 @@ class _Taps:
             if how.startswith("cache_") or kind in self.skip or not self.rec.wants(site):
                 continue
             groups.setdefault((path, how), []).append(site)
-        if self.family == "openai-gpt":  # its cache is read off c_attn
-            groups.setdefault(("attn.c_attn", "present"), [])
+        if not self.fam.hf_cache:  # no cache in transformers: k and v are read off c_attn
+            groups.setdefault((self.fam.qkv[0], "present"), [])
         for (path, how), names in groups.items():
             mod = block.get_submodule(path) if path else block
             if how in (OUT, IN, WEIGHTS):

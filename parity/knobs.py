@@ -85,8 +85,13 @@ def _show(v) -> str:
 
 
 # ----------------------------------------------------------------------------- per-family hf
-def _default_activation(family: str) -> str:
-    return "gelu_megatron" if family == "gptmeg" else "gelu_new"
+def _family(name: str):
+    from reference.families import UnknownFamily, family
+
+    try:
+        return family(name)
+    except UnknownFamily:
+        raise ParityError(f"no fast-path numerics for family {name!r}") from None
 
 
 def _hf_gelu(activation: str) -> str:
@@ -100,7 +105,8 @@ def _hf_gelu(activation: str) -> str:
 
 
 def _hf(family: str, cfg=None) -> Knobs:
-    """Each family's HF (transformers v5) eager numerics, read from its modeling file:
+    """Each family's HF (transformers v5) eager numerics, read from its modeling file and kept
+    as registry facts (`hf_attn_upcast`, `hf_scale_op`, `hf_mask_fill`):
 
     - gpt2 / gptmeg: scores = matmul(q, k^T) * scale (fp16 GEMM rounded, then multiplied by the
       precomputed hd^-0.5), additive 0 / finfo(dtype).min mask, softmax in the scores' dtype.
@@ -113,19 +119,13 @@ def _hf(family: str, cfg=None) -> Knobs:
     - gptj: q, k cast to fp32, matmul * hd^-0.5 in fp32, fp32 softmax; rotary in q's dtype with
       the fp32 sin/cos table cast to the model dtype.
     """
-    act = cfg.activation if cfg is not None else _default_activation(family)
-    gelu = _hf_gelu(act)
-    if family in ("gpt2", "gptmeg"):
-        if cfg is not None and cfg.reorder_and_upcast_attn:
-            return Knobs(attn_scores="baddbmm", attn_upcast=True, softmax="fp32", gelu=gelu)
-        return Knobs(attn_scores="matmul", scale_op="mul", softmax="half", gelu=gelu)
-    if family == "openai-gpt":
-        return Knobs(attn_scores="matmul", scale_op="div", softmax="half", mask_fill="-1e4",
-                     gelu=gelu)
-    if family in ("gpt_neo", "gptj"):
-        return Knobs(attn_scores="matmul", attn_upcast=True, scale_op="mul", softmax="fp32",
-                     gelu=gelu)
-    raise ParityError(f"no fast-path numerics for family {family!r}")
+    fam = _family(family)
+    gelu = _hf_gelu(cfg.activation if cfg is not None else fam.activation)
+    if cfg is not None and cfg.reorder_and_upcast_attn:  # a GPT-2 config option
+        return Knobs(attn_scores="baddbmm", attn_upcast=True, softmax="fp32", gelu=gelu)
+    return Knobs(attn_scores="matmul", attn_upcast=fam.hf_attn_upcast, scale_op=fam.hf_scale_op,
+                 softmax="fp32" if fam.hf_attn_upcast else "half", mask_fill=fam.hf_mask_fill,
+                 gelu=gelu)
 
 
 def _meg_gelu(activation: str) -> str:
@@ -139,7 +139,7 @@ def resolve(preset: str, family: str, cfg=None) -> Knobs:
     gelu from its activation and GPT-2's reorder_and_upcast_attn)."""
     if preset not in PRESETS:
         raise ParityError(f"unknown variant preset {preset!r} (choose from {', '.join(PRESETS)})")
-    act = cfg.activation if cfg is not None else _default_activation(family)
+    act = cfg.activation if cfg is not None else _family(family).activation
     hf = _hf(family, cfg)
     if preset == "hf":
         return hf

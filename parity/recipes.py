@@ -52,7 +52,7 @@ FULL_WIDTH = {
 COMMON = dict(layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
 PRESETS = ("tiny", "stress", "full-width")
 
-# The `stress` preset: the tiny shapes with the magnitudes of real checkpoints (issue 4), so that
+# The `stress` preset: the tiny shapes with the magnitudes of real checkpoints, so that
 # the numerics knobs matter. Each figure below is a scale applied to the tiny weights.
 STRESS = {
     "outlier_dims": (3, 17),     # residual-stream dimensions that carry outliers
@@ -68,19 +68,20 @@ STRESS = {
 def make_config(family: str, preset: str = "tiny", layers: int | None = None) -> dict:
     if family not in reference.FAMILIES:
         raise ParityError(f"unknown family {family!r} (choose from {', '.join(reference.FAMILIES)})")
+    fam = reference.family(family)
+    n_layer = fam.config_keys["n_layer"][0]  # the key the family's config class writes
     if preset in ("tiny", "stress"):
         d = dict(COMMON, **TINY[family])
     elif preset == "full-width":
         d = dict(COMMON, **FULL_WIDTH[family])
-        d.setdefault("n_layer", 2)
+        d.setdefault(n_layer, 2)
     else:
         raise ParityError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    if family == "gpt_neo":
-        n = layers or d.get("num_layers", 2)
-        d["num_layers"] = n
+    if layers:
+        d[n_layer] = layers
+    if fam.windowed:  # global and local layers alternate, a last odd one global
+        n = d[n_layer]
         d["attention_types"] = [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])
-    elif layers:
-        d["n_layer"] = layers
     if layers is not None and layers < 1:
         raise ParityError(f"--layers must be at least 1, got {layers}")
     return d
@@ -88,9 +89,6 @@ def make_config(family: str, preset: str = "tiny", layers: int | None = None) ->
 
 def tensor_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-CONV1D_FAMILIES = ("openai-gpt", "gpt2", "gptmeg")  # weights stored [in, out]
 
 
 def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int,
@@ -109,10 +107,11 @@ def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int,
         return 0.1 * normal()
     if leaf == "bias":
         return 0.1 * normal()
-    if name.endswith("embed.weight") or name in ("wte.weight", "wpe.weight"):
+    fam = reference.family(family)
+    if name in fam.embeddings:
         return 0.5 * normal()
     # Conv1D is [in, out], nn.Linear [out, in]; scale by the input width either way
-    fan_in = shape[0] if family in CONV1D_FAMILIES else shape[-1]
+    fan_in = shape[0] if fam.conv1d else shape[-1]
     a = normal()
     a /= np.sqrt(fan_in, dtype=a.dtype)
     return a
@@ -121,30 +120,33 @@ def init_tensor(family: str, name: str, shape: tuple[int, ...], seed: int,
 def stress_tensor(family: str, name: str, a: np.ndarray, cfg, seed: int) -> np.ndarray:
     """Apply the `stress` magnitudes to one freshly initialised tensor (see STRESS)."""
     S, d, hd = STRESS, cfg.d_model, cfg.head_dim
+    fam = reference.family(family)
     h0 = slice(S["qk_head"] * hd, (S["qk_head"] + 1) * hd)
-    conv = family in CONV1D_FAMILIES
     a = a.copy()
     leaf = name.split(".", 2)[-1] if name.startswith("h.") else name
-    # outliers enter through an embedding that is not the (tied) LM head: wpe, or GPT-J's untied
-    # wte. OpenAI GPT gets none: post-LN bounds its stream after every block.
-    if (name == "wpe.weight" and family != "openai-gpt") or (name == "wte.weight" and family == "gptj"):
+    # outliers enter through an embedding that is not the (tied) LM head: the position
+    # embedding, or the token embedding where there is none (GPT-J's, untied). A post-LN
+    # family gets none: its LayerNorms bound the stream after every block.
+    outliers = fam.block != "post"
+    if outliers and name == fam.embeddings[-1]:
         for j, dim in enumerate(S["outlier_dims"]):
             a[:, dim] = (1 if j % 2 == 0 else -1) * S["outlier_embed"] * (1 + 0.1 * a[:, dim])
-    elif leaf in ("mlp.c_proj.bias", "mlp.fc_out.bias") and family != "openai-gpt":
+    elif outliers and leaf == fam.fc_out + ".bias":
         for j, dim in enumerate(S["outlier_dims"]):
             a[dim] += (1 if j % 2 == 0 else -1) * S["outlier_mlp_bias"]
-    elif leaf == "attn.c_attn.weight":  # Conv1D [d, 3d]: q columns [0, d), k columns [d, 2d)
+    elif fam.fused_qkv and leaf == fam.qkv[0] + ".weight":
+        # Conv1D [d, 3d]: q columns [0, d), k columns [d, 2d)
         q = a[:, h0] * S["qk_scale"]
         a[:, h0] = q
         a[:, d + h0.start:d + h0.stop] = q
-    elif leaf in ("attn.attention.q_proj.weight", "attn.q_proj.weight"):  # Linear [out, in]
+    elif not fam.fused_qkv and leaf == fam.qkv[0] + ".weight":  # Linear [out, in]
         a[h0, :] *= S["qk_scale"]
-    elif leaf in ("attn.attention.k_proj.weight", "attn.k_proj.weight"):
-        q_name = name.replace("k_proj", "q_proj")
+    elif not fam.fused_qkv and leaf == fam.qkv[1] + ".weight":
+        q_name = name.replace(fam.qkv[1], fam.qkv[0])
         a[h0, :] = init_tensor(family, q_name, a.shape, seed)[h0, :] * S["qk_scale"]
-    elif leaf in ("mlp.c_fc.weight", "mlp.fc_in.weight"):
+    elif leaf == fam.fc_in + ".weight":
         hot = slice(0, S["hot_units"])
-        if conv:
+        if fam.conv1d:
             a[:, hot] *= S["hot_scale"]
         else:
             a[hot, :] *= S["hot_scale"]
@@ -159,6 +161,7 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
 
     raw = make_config(family, preset, layers)
     cfg = reference.parse_config(raw)
+    fam = reference.family(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or ("float16" if preset == "full-width" else "float32")
@@ -173,7 +176,7 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
     for gi, names in enumerate(groups.values()):
         tensors = {}
         for name in names:
-            key = name if name.startswith("lm_head") else "transformer." + name
+            key = name if name.startswith(fam.lm_head + ".") else fam.key_prefix + name
             a = init_tensor(family, name, shapes[name], seed,
                             np.float32 if preset == "full-width" else np.float64)
             if preset == "stress":
@@ -188,13 +191,9 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
     if len(groups) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": files}, indent=1))
-    raw = dict(raw, torch_dtype=dtype, architectures=[_ARCH[family]],
+    raw = dict(raw, torch_dtype=dtype, architectures=[reference.family(family).hf_class],
                gpt_parity_recipe={"family": family, "preset": preset, "layers": layers,
                                   "seed": seed})
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return out
 
-
-_ARCH = {"gpt2": "GPT2LMHeadModel", "gptmeg": "GPTMegLMHeadModel",
-         "openai-gpt": "OpenAIGPTLMHeadModel", "gpt_neo": "GPTNeoForCausalLM",
-         "gptj": "GPTJForCausalLM"}

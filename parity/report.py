@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reference.sites import BLOCK_SITES, block_output_site
+from reference.families import FAMILIES
+from reference.sites import block_output_site
 
 from .errors import ParityError
 from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
@@ -791,7 +792,7 @@ def _style_keys(div: pd.DataFrame) -> dict:
 def _plot_kinds(family: str, present) -> list[str]:
     """The block output (the stream the next layer inherits), the attention scores (where raw
     q.k^T overflows) and the MLP activation (where large pre-activations bite)."""
-    out = block_output_site(family) if family in BLOCK_SITES else "resid_post"
+    out = block_output_site(family) if family in FAMILIES else "resid_post"
     return [k for k in (out, "attn.scores", "mlp.act") if k in set(present)]
 
 

@@ -34,8 +34,6 @@ DEFAULT_DTYPES = ("float16", "bfloat16")
 CHECKPOINTS = ("tiny", "stress")
 SEQ_LEN = {"tiny": 16, "stress": 24}  # stress is longer than GPT-Neo's tiny window (8)
 SEED = 0
-# the subject-vs-subject question of GPTMeg: where do Megatron and HF numerics part ways
-PAIRS = {"gpt2": ("meg", "hf"), "gptmeg": ("meg", "hf")}
 
 
 def environment(device: str) -> dict:
@@ -108,8 +106,9 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
                         attrs.append(knob_attribution(ckpt, inputs, v, d, device=device,
                                                       label=label, site=site, mode=mode,
                                                       ref_trace=ref))
-                if family in PAIRS:
-                    va, vb = PAIRS[family]
+                # subject-vs-subject questions of the family (registry `report_pairs`, e.g.
+                # GPT-2 weights: where do Megatron and HF numerics part ways)
+                for va, vb in reference.family(family).report_pairs:
                     for d in dtypes:
                         attrs.append(knob_attribution(ckpt, inputs, va, d, target=vb,
                                                       device=device, label=label,

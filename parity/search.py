@@ -55,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
+import reference
+
 from .errors import ParityError
 
 CHUNK = 50  # examples per Hypothesis run (one pool task)
@@ -89,30 +91,25 @@ def tests_module(name: str):
 
 
 # ----------------------------------------------------------------------------- scaled weights
-def _tok_pos(family: str) -> tuple[str, ...]:
-    if family == "openai-gpt":
-        return ("tokens_embed.weight", "positions_embed.weight")
-    return ("wte.weight",) if family == "gptj" else ("wte.weight", "wpe.weight")
-
-
 def scale_tensor(family: str, name: str, t, scales: dict, d_model: int):
     """`t` (as stored) with its part of the scaled groups multiplied: `embed` the token and
     position embeddings, `qk` the query and key projections (weights and biases: scores grow by
     the square), `mlp` the first MLP projection (weight and bias)."""
     if not scales:
         return t
+    fam = reference.family(family)
     leaf = name.split(".", 2)[-1] if name.startswith("h.") else name
     f_embed, f_qk, f_mlp = (float(scales.get(g, 1)) for g in SCALE_GROUPS)
-    if name in _tok_pos(family):
+    if name in fam.embeddings:
         return t * f_embed if f_embed != 1 else t
-    if f_qk != 1 and leaf in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        t = t.clone()
-        t[..., :2 * d_model] *= f_qk  # Conv1D [d, 3d] columns / bias [3d]: q then k then v
-        return t
-    if leaf in ("attn.attention.q_proj.weight", "attn.attention.k_proj.weight",
-                "attn.q_proj.weight", "attn.k_proj.weight"):
+    if fam.fused_qkv:
+        if f_qk != 1 and leaf in (fam.qkv[0] + ".weight", fam.qkv[0] + ".bias"):
+            t = t.clone()
+            t[..., :2 * d_model] *= f_qk  # Conv1D [d, 3d] columns / bias [3d]: q then k then v
+            return t
+    elif leaf in (fam.qkv[0] + ".weight", fam.qkv[1] + ".weight"):
         return t * f_qk if f_qk != 1 else t
-    if leaf in ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.fc_in.weight", "mlp.fc_in.bias"):
+    if leaf in (fam.fc_in + ".weight", fam.fc_in + ".bias"):
         return t * f_mlp if f_mlp != 1 else t
     return t
 
@@ -131,8 +128,10 @@ def scaled_checkpoint(base, scales: dict | None):
         def tensor(self, name):
             cfg = self.config
             key = name
-            if name == "lm_head.weight" and name not in self.entries and cfg.tie_word_embeddings:
-                key = _tok_pos(cfg.family)[0]  # a tied head is the (scaled) token embedding
+            fam = reference.family(cfg.family)
+            if name == fam.lm_head + ".weight" and name not in self.entries \
+                    and cfg.tie_word_embeddings:
+                key = fam.tok + ".weight"  # a tied head is the (scaled) token embedding
             return scale_tensor(cfg.family, key, base.tensor(name), scales, cfg.d_model)
 
         def rows(self, name, index):
@@ -649,7 +648,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_search(a) -> int:
     """0: done (the search reports; it does not judge). 2: bad arguments."""
-    import reference
 
     from .fast import dtype_name
     from .knobs import parse_variant

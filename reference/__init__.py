@@ -7,23 +7,20 @@ Imports neither torch nor transformers.
 """
 from __future__ import annotations
 
-from . import gpt2, gpt_neo, gptj, gptmeg, openai_gpt
-from .config import FAMILIES, ConfigError, ModelConfig, parse_config
+from importlib import import_module
+
+from .config import ConfigError, ModelConfig, parse_config
+from .families import FAMILIES, Family, UnknownFamily, family
 from .model import forward as _drive
-from .sites import BLOCK_SITES, site_names
+from .sites import site_names
 from .trace import Trace
 
-MODULES = {
-    "openai-gpt": openai_gpt,
-    "gpt2": gpt2,
-    "gpt_neo": gpt_neo,
-    "gptj": gptj,
-    "gptmeg": gptmeg,
-}
+# family name -> its reference module (the registry names the module)
+MODULES = {name: import_module(f"{__name__}.{family(name).module}") for name in FAMILIES}
 
 
-def family_module(family: str):
-    return MODULES[family]
+def family_module(name: str):
+    return MODULES[family(name).name]
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -41,5 +38,5 @@ def forward(cfg: ModelConfig, weights, input_ids, attention_mask=None, position_
                   past, sites, floor, floor_sites)
 
 
-__all__ = ["FAMILIES", "BLOCK_SITES", "ConfigError", "ModelConfig", "Trace", "forward",
-           "param_shapes", "parse_config", "site_names", "family_module"]
+__all__ = ["FAMILIES", "ConfigError", "Family", "ModelConfig", "Trace", "UnknownFamily", "family",
+           "family_module", "forward", "param_shapes", "parse_config", "site_names"]

@@ -1,8 +1,9 @@
 """Model configuration parsed from a Hugging Face `config.json` dict (pure Python).
 
 One frozen dataclass for all five families; odd defaults carry their reason. Parsing follows the
-HF config classes: attribute aliases, None meaning 4*d for the inner size, GPT-Neo's
-`attention_types` expanded per layer, OpenAI GPT's `afn`.
+HF config classes: attribute aliases, None meaning 4*d for the inner size, `attention_types`
+expanded per layer (windowed families), OpenAI GPT's `afn`. Which keys and defaults each family
+has are facts of the family registry (`reference.families`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-FAMILIES = ("openai-gpt", "gpt2", "gpt_neo", "gptj", "gptmeg")
+from .families import FAMILIES, family
 
 
 class ConfigError(ValueError):
@@ -103,83 +104,54 @@ def expand_attention_types(attention_types) -> tuple[str, ...]:
 
 
 def parse_config(d: dict) -> ModelConfig:
-    """Build a ModelConfig from a config.json dict, with the defaults of each HF config class."""
+    """Build a ModelConfig from a config.json dict, with the defaults of each HF config class
+    (`reference.families`: which keys hold each field, the class defaults, the activation)."""
     if not isinstance(d, dict):
         raise ConfigError("config is not a JSON object")
-    family = d.get("model_type")
-    if family not in FAMILIES:
-        raise ConfigError(f"unsupported model_type {family!r} (supported: {', '.join(FAMILIES)})")
+    name = d.get("model_type")
+    if name not in FAMILIES:
+        raise ConfigError(f"unsupported model_type {name!r} (supported: {', '.join(FAMILIES)})")
+    fam = family(name)
+    keys, dflt = fam.config_keys, fam.defaults
     eps = float(_get(d, "layer_norm_epsilon", default=1e-5))
 
-    if family in ("openai-gpt", "gpt2", "gptmeg"):
-        defaults = {"openai-gpt": (40478, 512), "gpt2": (50257, 1024), "gptmeg": (50257, 1024)}
-        v0, p0 = defaults[family]
-        d_model = _int(d, ("n_embd", "hidden_size"), 768)
-        inner = _opt_int(d, "n_inner")  # None means 4*d (OpenAI GPT has no field)
-        if family == "openai-gpt":
-            act = _get(d, "afn", default="gelu")
-            # OpenAI GPT's own table maps "gelu" to the tanh form (MODEL_NOTES section 1)
-            act = {"gelu": "gelu_new"}.get(act, act)
-        elif family == "gptmeg":
-            # GPTMeg exists for Megatron numerics; its gelu is Megatron's unless the config says
-            # otherwise (our choice, documented in the README)
-            act = _get(d, "activation_function", default="gelu_megatron")
-        else:
-            act = _get(d, "activation_function", default="gelu_new")
-        cfg = dict(
-            vocab_size=_int(d, ("vocab_size",), v0),
-            n_positions=_int(d, ("n_positions", "max_position_embeddings"), p0),
-            d_model=d_model,
-            n_layer=_int(d, ("n_layer", "num_hidden_layers"), 12),
-            n_head=_int(d, ("n_head", "num_attention_heads"), 12),
-            d_inner=inner if inner is not None else 4 * d_model,
-            activation=act,
-            tie_word_embeddings=_bool(d, "tie_word_embeddings", True),
-        )
-        if family != "openai-gpt":
-            cfg.update(
-                scale_attn_weights=_bool(d, "scale_attn_weights", True),
-                scale_attn_by_inverse_layer_idx=_bool(d, "scale_attn_by_inverse_layer_idx", False),
-                reorder_and_upcast_attn=_bool(d, "reorder_and_upcast_attn", False),
-            )
-    elif family == "gpt_neo":
-        d_model = _int(d, ("hidden_size", "n_embd"), 2048)
-        n_layer = _int(d, ("num_layers", "num_hidden_layers", "n_layer"), 24)
+    d_model = _int(d, keys["d_model"], dflt["d_model"])
+    n_layer = _int(d, keys["n_layer"], dflt["n_layer"])
+    cfg = {}
+    if fam.windowed:  # [[["global", "local"], 12]] expanded to one kind per layer
         layers = expand_attention_types(
-            _get(d, "attention_types", default=[[["global", "local"], 12]])
+            _get(d, "attention_types", default=[[["global", "local"], 12]])  # HF default
         )
         if len(layers) != n_layer:
             raise ConfigError(
-                f"attention_types expands to {len(layers)} layers but num_layers is {n_layer}"
+                f"attention_types expands to {len(layers)} layers but {keys['n_layer'][0]} is "
+                f"{n_layer}"
             )
-        inner = _opt_int(d, "intermediate_size")
-        cfg = dict(
-            vocab_size=_int(d, ("vocab_size",), 50257),
-            n_positions=_int(d, ("max_position_embeddings", "n_positions"), 2048),
-            d_model=d_model,
-            n_layer=n_layer,
-            n_head=_int(d, ("num_heads", "num_attention_heads", "n_head"), 16),
-            d_inner=inner if inner is not None else 4 * d_model,
-            activation=_get(d, "activation_function", default="gelu_new"),
-            tie_word_embeddings=_bool(d, "tie_word_embeddings", True),
-            attention_layers=layers,
-            window_size=_int(d, ("window_size",), 256),
+        cfg.update(attention_layers=layers, window_size=_int(d, ("window_size",), 256))
+    inner = _opt_int(d, keys["d_inner"][0])  # None means 4*d
+    act = _get(d, *keys["activation"], default=fam.activation)
+    if fam.scale == "config":  # GPT-2's attention-scaling options
+        cfg.update(
+            scale_attn_weights=_bool(d, "scale_attn_weights", True),
+            scale_attn_by_inverse_layer_idx=_bool(d, "scale_attn_by_inverse_layer_idx", False),
+            reorder_and_upcast_attn=_bool(d, "reorder_and_upcast_attn", False),
         )
-    else:  # gptj
-        d_model = _int(d, ("n_embd", "hidden_size"), 4096)
-        inner = _opt_int(d, "n_inner")
-        cfg = dict(
-            vocab_size=_int(d, ("vocab_size",), 50400),  # 50257 used + 143 TPU padding rows
-            n_positions=_int(d, ("n_positions", "max_position_embeddings"), 2048),
-            d_model=d_model,
-            n_layer=_int(d, ("n_layer", "num_hidden_layers"), 28),
-            n_head=_int(d, ("n_head", "num_attention_heads"), 16),
-            d_inner=inner if inner is not None else 4 * d_model,
-            activation=_get(d, "activation_function", default="gelu_new"),
-            tie_word_embeddings=_bool(d, "tie_word_embeddings", False),
-            rotary_dim=_get(d, "rotary_dim", default=64),
-        )
-    c = ModelConfig(family=family, layer_norm_epsilon=eps, raw=dict(d), **cfg)
+    if fam.rotary:
+        cfg.update(rotary_dim=_get(d, "rotary_dim", default=64))
+    c = ModelConfig(
+        family=name,
+        vocab_size=_int(d, ("vocab_size",), dflt["vocab_size"]),
+        n_positions=_int(d, keys["n_positions"], dflt["n_positions"]),
+        d_model=d_model,
+        n_layer=n_layer,
+        n_head=_int(d, keys["n_head"], dflt["n_head"]),
+        d_inner=inner if inner is not None else 4 * d_model,
+        activation=fam.activation_aliases.get(act, act),
+        layer_norm_epsilon=eps,
+        tie_word_embeddings=_bool(d, "tie_word_embeddings", fam.tie_default),
+        raw=dict(d),
+        **cfg,
+    )
     _validate(c)
     return c
 
@@ -193,7 +165,7 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError(
             f"unsupported activation {c.activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})"
         )
-    if c.family == "gptj":
+    if family(c.family).rotary:
         r = c.rotary_dim
         if r is None:
             raise ConfigError("rotary_dim None is not supported (HF's own handling is broken)")

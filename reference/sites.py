@@ -1,37 +1,24 @@
-"""The one site-naming scheme (DESIGN.md "Sites"), per family, in execution order."""
+"""The one site-naming scheme (DESIGN.md "Sites"), per family, in execution order.
+
+Which block sites a family has, and whether it has a final LayerNorm, are facts of the family
+registry (`reference.families`: `block_sites`, `ln_f`); this module strings them into names.
+"""
 from __future__ import annotations
 
-ATTN = ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.probs", "attn.context", "attn.out")
-MLP = ("mlp.fc_in", "mlp.act", "mlp.out")
-
-# Pre-LN sequential blocks (GPT-2, GPT-Neo, GPTMeg)
-PRE_LN = ("ln_1", *ATTN, "resid_mid", "ln_2", *MLP, "resid_post")
-# OpenAI GPT is post-LN: resid_mid = h + attn, ln_1 = LN1(resid_mid);
-# resid_post = ln_1 + mlp, ln_2 = LN2(resid_post) is the block output.
-POST_LN = (*ATTN, "resid_mid", "ln_1", *MLP, "resid_post", "ln_2")
-# GPT-J parallel block: one LN feeds both branches; resid_post = attn + mlp + h.
-PARALLEL = ("ln_1", *ATTN, *MLP, "resid_post")
-
-BLOCK_SITES = {
-    "openai-gpt": POST_LN,
-    "gpt2": PRE_LN,
-    "gptmeg": PRE_LN,
-    "gpt_neo": PRE_LN,
-    "gptj": PARALLEL,
-}
-HAS_LN_F = {"openai-gpt": False, "gpt2": True, "gptmeg": True, "gpt_neo": True, "gptj": True}
+from .families import ATTN, MLP, PARALLEL, POST_LN, PRE_LN, family  # noqa: F401
 
 
-def block_output_site(family: str) -> str:
+def block_output_site(name: str) -> str:
     """The site that is the stream handed to the next block."""
-    return "ln_2" if family == "openai-gpt" else "resid_post"
+    return family(name).block_output
 
 
-def site_names(family: str, n_layer: int) -> list[str]:
+def site_names(name: str, n_layer: int) -> list[str]:
+    fam = family(name)
     names = ["embed"]
     for i in range(n_layer):
-        names += [f"blocks.{i}.{s}" for s in BLOCK_SITES[family]]
-    if HAS_LN_F[family]:
+        names += [f"blocks.{i}.{s}" for s in fam.block_sites]
+    if fam.ln_f:
         names.append("ln_f")
     names.append("logits")
     return names

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import tokenizer_unicode as pins
+from .families import REGISTRY
 
 
 class UnsupportedTokenizer(ValueError):
@@ -616,8 +617,8 @@ def _read_json(path: Path):
 
 
 def read_layout(ckpt_dir: str | Path) -> Layout:
-    """The slow-tokenizer layout. Kind: OpenAI GPT when config.json says model_type
-    "openai-gpt" or the vocabulary has `</w>` words, else byte-level. Special tokens: the
+    """The slow-tokenizer layout. Kind: OpenAI GPT when config.json names a family whose
+    tokenizer is "bert-bpe" (the registry) or the vocabulary has `</w>` words, else byte-level. Special tokens: the
     family's defaults (<|endoftext|> as bos/eos/unk; <unk>) unless special_tokens_map.json or
     tokenizer_config.json name others; added tokens from added_tokens.json (not special) and
     tokenizer_config.json's added_tokens_decoder (with their flags)."""
@@ -629,7 +630,9 @@ def read_layout(ckpt_dir: str | Path) -> Layout:
     config = _read_json(d / "config.json") or {}
     tcfg = _read_json(d / "tokenizer_config.json") or {}
     smap = _read_json(d / "special_tokens_map.json") or {}
-    openai = config.get("model_type") == "openai-gpt" or any(t.endswith("</w>") for t in vocab)
+    model_type = config.get("model_type")
+    fam = REGISTRY.get(model_type) if isinstance(model_type, str) else None
+    openai = (fam is not None and fam.tokenizer == "bert-bpe") or any(t.endswith("</w>") for t in vocab)
     kind = "openai-gpt" if openai else "byte-level"
     default = "<unk>" if openai else "<|endoftext|>"
     names = ("unk_token",) if openai else ("unk_token", "bos_token", "eos_token")

@@ -130,9 +130,10 @@ def hidden_state_sites(family: str, n_layer: int) -> list[str]:
     """Site names of HF's `hidden_states` tuple: entry i is the input of block i (the embedding,
     then each block's output stream); the last entry is the final hidden state, which in
     transformers 5.x is after ln_f where the family has one (OpenAI GPT: the last block's ln_2)."""
-    out = reference.sites.block_output_site(family)
+    fam = reference.family(family)
+    out = fam.block_output
     names = ["embed"] + [f"blocks.{i}.{out}" for i in range(n_layer - 1)]
-    names.append("ln_f" if reference.sites.HAS_LN_F[family] else f"blocks.{n_layer - 1}.{out}")
+    names.append("ln_f" if fam.ln_f else f"blocks.{n_layer - 1}.{out}")
     return names
 
 

@@ -62,19 +62,9 @@ class ScaleMutant(Mutant):
     def wrong(self, healthy, hd):  # pragma: no cover - every subclass overrides it
         raise NotImplementedError
 
-    def attend(self, ctx, i, q, k, v):
-        if i != self.layer:
-            return super().attend(ctx, i, q, k, v)
-        healthy = self.layout
-
-        def scale(cfg, j):
-            return self.wrong(healthy.scale(cfg, j), cfg.head_dim)
-
-        self.layout = dataclasses.replace(healthy, scale=scale)
-        try:
-            return super().attend(ctx, i, q, k, v)
-        finally:
-            self.layout = healthy
+    def scale(self, i):
+        healthy = super().scale(i)
+        return healthy if i != self.layer else self.wrong(healthy, self.cfg.head_dim)
 
 
 class WrongScale(ScaleMutant):

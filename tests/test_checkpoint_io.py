@@ -22,7 +22,7 @@ import reference
 from parity.checkpoint import load_checkpoint, open_checkpoint
 from parity.errors import CheckpointError, ParityError
 
-TIED = [f for f in reference.FAMILIES if f != "gptj"]  # GPT-J's head is untied (it has a bias)
+TIED = [f for f in reference.FAMILIES if reference.family(f).tie_default]  # GPT-J's is untied
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -171,7 +171,7 @@ def test_site_subset_keeps_only_the_glob_and_logits(ckpts):
 
 # ----------------------------------------------------------------------------- meg vs hf
 def _first_block_sites(family):
-    return [f"blocks.0.{s}" for s in reference.BLOCK_SITES[family]]
+    return [f"blocks.0.{s}" for s in reference.family(family).block_sites]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptmeg"])

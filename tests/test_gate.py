@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import reference
 from parity import cli
 from parity.budgets import DEFAULT_FILE, tolerance
 from parity.checkpoint import open_checkpoint
@@ -34,7 +35,7 @@ from parity.inputs import gate_batch
 from parity.recipes import make_checkpoint
 
 REPORT_FILES = ("summary.md", "index.html", "divergence.csv", "run.json")
-FAMILIES = ("gpt2", "gptmeg", "openai-gpt", "gpt_neo", "gptj")
+FAMILIES = reference.FAMILIES
 TOKENS = "1 2 3 4 5 6; 7 8 9 10 11 511"  # a golden's inputs (tiny vocab: 512)
 
 
