@@ -1,4 +1,4 @@
-"""Attribution: which numerics choice causes a divergence (issue 4).
+"""Attribution: which numerics choice causes a divergence.
 
 1. first divergent site — `compare.first_divergent` (execution order, per mode);
 2. per knob — how much of a subject's final-logit error disappears when that knob alone is set to

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .devices import resolve_device
 from .errors import ParityError
 
 EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
@@ -64,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--junit", default=None, help="write a JUnit XML file for CI dashboards")
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    from .goldens import add_parser as add_golden_parser
+    _add_golden(sub)
+    _add_search(sub)
+    _add_detection(sub)
 
-    add_golden_parser(sub)
-    from .detection import add_parser as add_detection_parser
-    from .search import add_parser as add_search_parser
-
-    add_search_parser(sub)
-    add_detection_parser(sub)
+    k = sub.add_parser("tokenizer", help="the reference tokenizer against the checkpoint's "
+                                         "tokenizer files (or regenerate the Unicode pins)")
+    k.add_argument("checkpoint", nargs="?", help="checkpoint folder with tokenizer files")
+    k.add_argument("--texts", help="a UTF-8 file, one text per line (default: built-in set)")
+    k.add_argument("--write-unicode-pins", action="store_true",
+                   help="regenerate reference/tokenizer_unicode.py from the installed tokenizers")
+    k.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     c = sub.add_parser("checkpoint", help="checkpoint utilities")
     csub = c.add_subparsers(dest="checkpoint_command", parser_class=_Parser)
@@ -83,6 +87,64 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="storage dtype (default fp32 tiny, fp16 full-width)")
     m.add_argument("--out", required=True)
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _add_golden(subparsers) -> argparse.ArgumentParser:
+    """`parity golden check|update` on the CLI's subparsers."""
+    g = subparsers.add_parser("golden", help="check or regenerate the golden activation files")
+    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    gs = g.add_subparsers(dest="golden_command", parser_class=type(g))
+    c = gs.add_parser("check", help="regenerate every golden in memory and compare")
+    c.add_argument("--families", nargs="+", default=None)
+    c.add_argument("--dir", default=None, help="golden folder (default: golden/ of the source checkout)")
+    c.add_argument("--show-drift", action="store_true",
+                   help="per-site drift of every golden (shown anyway when the torch (fast path) "
+                        "or numpy (reference) version differs from the golden's)")
+    c.add_argument("--file", action="append", default=None, metavar="FILE",
+                   help="check a parity-golden/1 file (from any system) against the float64 "
+                        "reference on --checkpoint instead of the golden folder (repeatable)")
+    c.add_argument("--checkpoint", default=None, help="checkpoint directory for --file")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    u = gs.add_parser("update", help="regenerate the goldens (atomic; manifest last)")
+    u.add_argument("--families", nargs="+", default=None)
+    u.add_argument("--classes", nargs="+", default=None,
+                   help="device classes to generate (default: every class of this machine)")
+    u.add_argument("--reason", default="", help="why (kept in MANIFEST.json's history)")
+    u.add_argument("--dir", default=None, help="golden folder (default: golden/ of the source checkout)")
+    u.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return g
+
+
+def _add_detection(subparsers) -> argparse.ArgumentParser:
+    """`parity detection` on the CLI's subparsers."""
+    p = subparsers.add_parser("detection", help="detection power: the mutant catalogue against "
+                                                "the budgets")
+    p.add_argument("--families", nargs="+", default=None)
+    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    p.add_argument("--mutants", nargs="+", default=None, help="catalogue names (default: all)")
+    p.add_argument("--out", default="reports/detection", help="folder (default reports/detection)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _add_search(subparsers) -> argparse.ArgumentParser:
+    """`parity search` on the CLI's subparsers."""
+    p = subparsers.add_parser("search", help="worst-case search: where does a preset diverge most?")
+    p.add_argument("--family", required=True)
+    p.add_argument("--variant", default="hf", help="fast-path variant (hf, meg, sdpa, ...)")
+    p.add_argument("--dtype", default="float16", help="float16 | bfloat16 | float32")
+    p.add_argument("--preset", default="tiny", help="checkpoint recipe preset: tiny | stress")
+    p.add_argument("--layers", type=int, default=None, help="layers of the recipe checkpoint")
+    p.add_argument("--max-examples", type=int, default=100, help="examples in this shard")
+    p.add_argument("--shard", default="1/1", help="i/n: this shard of n (1-based)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--max-log2-scale", type=int, default=8,
+                   help="weight groups are scaled by 2^k, k in [0, this]; 0 = no scaling")
+    p.add_argument("--max-len", type=int, default=32, help="longest token batch drawn")
+    p.add_argument("--top", type=int, default=3, help="worst cases written as reproducers")
+    p.add_argument("--out", default=None, help="output folder (default reports/search/<run>)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -228,21 +290,6 @@ def cmd_checkpoint(a) -> int:
     return EXIT_OK
 
 
-def resolve_device(device: str) -> str:
-    if device in ("cpu", "cuda") or device.startswith("cuda:"):
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ParityError("--device cuda: no CUDA device is available")
-        return device
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    raise ParityError(f"unknown --device {device!r} (auto, cpu or cuda)")
-
-
 def _now() -> str:
     import datetime
 
@@ -267,8 +314,15 @@ def cmd_detection(a) -> int:
     return run(a)
 
 
+def cmd_tokenizer(a) -> int:
+    from .tokenizer_check import cmd_tokenizer as run
+
+    return run(a)
+
+
 COMMANDS = {"trace": cmd_trace, "report": cmd_report, "gate": cmd_gate, "golden": cmd_golden,
-            "search": cmd_search, "detection": cmd_detection, "checkpoint": cmd_checkpoint}
+            "search": cmd_search, "detection": cmd_detection, "checkpoint": cmd_checkpoint,
+            "tokenizer": cmd_tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:

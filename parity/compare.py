@@ -26,6 +26,7 @@ from reference.sites import block_output_site, site_kind, site_layer
 from . import budgets as B
 from . import metrics as M
 from .checkpoint import Checkpoint
+from .devices import emulated
 from .inputs import Inputs
 from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
 
@@ -107,12 +108,14 @@ def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, 
     return out, dtypes, meta
 
 
-def forward_local(model, inputs: Inputs, streams: list[np.ndarray]) -> reference.Trace:
-    """Each subject block fed the reference's stream, rounded to the subject's dtype."""
+def forward_local(model, inputs: Inputs, streams: list[np.ndarray], past=None) -> reference.Trace:
+    """Local mode: each subject block fed the reference's stream into it, rounded to the
+    subject's dtype (`streams[i]`: the input to block i for these tokens, `past`: an optional
+    cache of earlier tokens)."""
     import torch
 
     with torch.no_grad():
-        ctx = model.prepare(inputs)
+        ctx = model.prepare(inputs, past=past)
         model.embed(ctx)
         for i in range(model.cfg.n_layer):
             model.block(ctx, i, streams[i])
@@ -350,7 +353,7 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
                                     family=cfg.family, label=label, variant=subject.variant,
                                     dtype=dtype, subject_dtype=subject.dtype,
                                     device=meta.get("device", subject.device),
-                                    emulate=str(meta.get("emulate", "")) in ("True", "on", "true"))
+                                    emulate=emulated(meta))
         if progress:
             progress(subject)
     return to_frame(records)

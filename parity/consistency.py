@@ -26,8 +26,9 @@ import reference
 from reference.sites import site_kind
 
 from . import budgets as B
-from .compare import (COLUMNS, MODES, Subject, block_inputs, compare, floor_local, make_records,
-                      to_frame, token_rows, wide_sites)
+from .compare import (COLUMNS, MODES, Subject, block_inputs, compare, floor_local, forward_local,
+                      make_records, to_frame, token_rows, wide_sites)
+from .devices import emulated
 from .inputs import Inputs
 
 CHECK_COLUMNS = COLUMNS + ["check", "case"]
@@ -65,20 +66,6 @@ def _model(ckpt, subject: Subject, model_factory):
                 emulate=subject.emulate)
 
 
-def run_local(model, inputs: Inputs, streams, past=None) -> reference.Trace:
-    """Local mode with an optional past cache: each block fed `streams[i]` (the reference's
-    input to block i for these tokens), rounded to the subject's dtype."""
-    import torch
-
-    with torch.no_grad():
-        ctx = model.prepare(inputs, past=past)
-        model.embed(ctx)
-        for i in range(model.cfg.n_layer):
-            model.block(ctx, i, streams[i])
-        model.head(ctx, streams[-1])
-        return model.finish(ctx)
-
-
 def _floor(cfg, weights, inputs: Inputs, streams, dtype: str, wide: dict, mode: str):
     if dtype not in ("float16", "bfloat16", "float32"):
         return None
@@ -94,7 +81,7 @@ def _records(ref, sub, flo, dtypes, rows, policy, *, mode, cfg, label, subject, 
     recs = make_records(ref, sub, flo, dtypes, rows, policy, mode=mode, family=cfg.family,
                         label=label, variant=subject.variant, dtype=dtype,
                         subject_dtype=subject.dtype, device=meta.get("device", subject.device),
-                        emulate=str(meta.get("emulate", "")) in ("True", "on", "true"))
+                        emulate=emulated(meta))
     for r in recs:
         r.update(check=check, case=case)
     return recs
@@ -147,8 +134,8 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
         model = _model(ckpt, subject, model_factory)
         for mode in modes:
             if mode == "local":
-                first = run_local(model, head, [z[:, :s] for z in streams])
-                out = run_local(model, tail, [z[:, s:] for z in streams], past=first.cache)
+                first = forward_local(model, head, [z[:, :s] for z in streams])
+                out = forward_local(model, tail, [z[:, s:] for z in streams], past=first.cache)
             else:
                 out = model.forward(tail, past=model.forward(head).cache)
             dtype = out.meta.get("dtype", subject.dtype)
@@ -186,7 +173,7 @@ def batch_check(ckpt, inputs: Inputs, subjects, *, label="", modes=MODES, policy
     for subject in subjects:
         model = _model(ckpt, subject, model_factory)
         for mode in modes:
-            out = run_local(model, inputs, streams) if mode == "local" else model.forward(inputs)
+            out = forward_local(model, inputs, streams) if mode == "local" else model.forward(inputs)
             dtype = out.meta.get("dtype", subject.dtype)
             wide = tuple(sorted(wide_sites(out.dtypes, dtype).items()))
             for r, (real, inp, ref_r, streams_r) in enumerate(alone):

@@ -43,7 +43,6 @@ The documented run (fp16 46/46 killed; bf16 39/45 killed, 6 flagged below the bu
 """
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 import time
@@ -316,18 +315,6 @@ def exit_code(df: "pd.DataFrame") -> int:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`parity detection` on the CLI's subparsers."""
-    p = subparsers.add_parser("detection", help="detection power: the mutant catalogue against "
-                                                "the budgets")
-    p.add_argument("--families", nargs="+", default=None)
-    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    p.add_argument("--mutants", nargs="+", default=None, help="catalogue names (default: all)")
-    p.add_argument("--out", default="reports/detection", help="folder (default reports/detection)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    return p
-
-
 def cmd_detection(a) -> int:
     import reference
 

@@ -32,20 +32,22 @@ import torch
 import torch.nn.functional as F
 
 import reference
+from reference import dtypes
 from reference.ops import round_to
 from reference.sites import site_names
 from reference.trace import Recorder, Trace
 
+from .devices import resolve_device
 from .errors import ParityError
 from .knobs import TANH_GELUS, Knobs, parse_variant
 
 HALF = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
-                 "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-MEGATRON_SQRT_2_OVER_PI = 0.79788456
+# the gelu constants, stated once in the reference (TorchScript copies below need literals)
+SQRT_2_OVER_PI = reference.ops.SQRT_2_OVER_PI
+MEGATRON_SQRT_2_OVER_PI = reference.ops.MEGATRON_SQRT_2_OVER_PI
+GELU_CUBIC = reference.ops.GELU_CUBIC
 FUSION_NODES = ("prim::TensorExprGroup", "prim::TensorExprDynamicGroup", "prim::FusionGroup",
                 "prim::CudaFusionGroup")
 
@@ -53,26 +55,16 @@ FUSION_NODES = ("prim::TensorExprGroup", "prim::TensorExprDynamicGroup", "prim::
 def dtype_name(dtype) -> str:
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
-    d = DTYPE_ALIASES.get(dtype, dtype)
+    d = dtypes.canonical(dtype)
     if d not in TORCH_DTYPES:
         raise ParityError(f"unknown dtype {dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
     return d
 
 
-def resolve_device(device) -> torch.device:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParityError("device cuda: no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ParityError(f"unknown device {device!r} (cpu, cuda or auto)")
-    return dev
-
-
 # ----------------------------------------------------------------------------- the Megatron gelu
 def megatron_gelu_form(x: torch.Tensor, c: float) -> torch.Tensor:
     """Megatron's op order, x 0.5 (1 + tanh(c x (1 + 0.044715 x x))), in whatever dtype x has."""
-    return x * 0.5 * (1.0 + torch.tanh(c * x * (1.0 + 0.044715 * x * x)))
+    return x * 0.5 * (1.0 + torch.tanh(c * x * (1.0 + GELU_CUBIC * x * x)))
 
 
 # Scripted copies (TorchScript needs the constants in the source). Megatron's
@@ -113,7 +105,7 @@ class Numerics:
 
     def __init__(self, dtype="float16", device="cpu", emulate: bool | None = None):
         self.dtype = TORCH_DTYPES[dtype_name(dtype)]
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.device = torch.device(resolve_device(device))
         half = self.dtype in HALF
         self.emulate = half and (self.device.type == "cpu" if emulate is None else bool(emulate))
         self.phys = torch.float32 if self.emulate else self.dtype  # physical dtype of a tensor
@@ -226,12 +218,12 @@ class Numerics:
         # eager composite: every op writes a half tensor, in the source's op order
         if activation == "gelu_megatron":  # Megatron's formula run eagerly
             a = r(x * c(0.5))
-            inner = r(r(c(0.044715) * x) * x)
+            inner = r(r(c(GELU_CUBIC) * x) * x)
             inner = r(r(c(MEGATRON_SQRT_2_OVER_PI) * x) * r(1.0 + inner))
             return r(a * r(1.0 + r(torch.tanh(inner))))
         if activation == "gelu_fast":  # HF FastGELU: 0.5 x (1 + tanh(x 0.7978845608 (1 + 0.044715 x x)))
             a = r(c(0.5) * x)
-            inner = r(r(x * c(0.7978845608)) * r(1.0 + r(r(c(0.044715) * x) * x)))
+            inner = r(r(x * c(reference.ops.GELU_FAST_C)) * r(1.0 + r(r(c(GELU_CUBIC) * x) * x)))
             return r(a * r(1.0 + r(torch.tanh(inner))))
         # HF NewGELU (gelu_new, and 'tanh' forced on any tanh-form model):
         # 0.5 * input * (1.0 + tanh(sqrt(2/pi) * (input + 0.044715 * pow(input, 3.0))))
@@ -339,7 +331,7 @@ class FastModel:
         self.knobs = knobs
         self.variant = variant or knobs.describe()
         dtype = knobs.force_dtype or dtype_name(dtype)
-        self.num = Numerics(dtype, resolve_device(device), emulate)
+        self.num = Numerics(dtype, torch.device(resolve_device(device)), emulate)
         self.dtype = self.num.dtype
         self.cache_weights = cache_weights
         self._w: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""`parity gate`: may this checkpoint ship, run the fast way? (issue 6)
+"""`parity gate`: may this checkpoint ship, run the fast way?
 
 Four checks, each a named row with its figures and verdict:
   structure     config readable and supported; every expected weight present, none unexpected
@@ -30,8 +30,10 @@ from . import budgets as B
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import FAILING, Subject, overall, token_rows, wide_sites
 from .errors import ParityError, TokenizerMissing
+from .files import atomic_write
 from .golden_io import read_golden
-from .inputs import Inputs, gate_batch, load_tokenizer, validate_inputs
+from .inputs import Inputs, gate_batch, validate_inputs
+from .tokenizer_check import load_tokenizer
 
 GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
 
@@ -405,29 +407,13 @@ def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> 
         attempt(lambda: _write_xml(Path(junit), suite))
 
 
-def _atomic_write(p: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_xml(p: Path, root) -> None:
     import io
     import xml.etree.ElementTree as ET
 
     buf = io.BytesIO()
     ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
-    _atomic_write(p, buf.getvalue().decode("utf-8"))
+    atomic_write(p, buf.getvalue())
 
 
 def write_junit(path: str, result: GateResult) -> None:

@@ -8,13 +8,13 @@ required), optional `attention_mask`, `position_ids`, and any site names; string
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ParityError
+from .files import replacing
 
 FORMAT = "parity-golden/1"
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -55,17 +55,9 @@ def write_golden(path: str | os.PathLike, trace, meta: dict[str, str], sites=Non
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
         tensors[name] = t.contiguous()
     md = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata=md)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a golden is a shared artifact
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.chmod(tmp, 0o644)  # safetensors may write 0600; a golden is a shared artifact
     return path
 
 

@@ -34,7 +34,6 @@ file's `dtype` (`golden_tolerance`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -42,15 +41,17 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from reference.dtypes import DTYPES
+
 from . import budgets
 from .errors import ParityError
+from .files import temp_beside
 from .golden_io import FORMAT, GOLDEN_DTYPES, INPUT_KEYS, read_golden
 
 GENERATOR = "gpt-parity goldens"
@@ -58,7 +59,7 @@ GENERATOR_VERSION = 1
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "parity-golden-manifest/1"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
-SIZE_BUDGET_BYTES = 5_000_000  # issue 5: golden/ at most 5 MB in all
+SIZE_BUDGET_BYTES = 5_000_000  # golden/ at most 5 MB in all: light to clone
 
 FAST_PRESETS = ("hf", "meg")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -476,11 +477,6 @@ def verify_integrity(golden_dir: Path, manifest: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- update
-def _install(tmp: str, target: Path) -> None:
-    """Move a finished temporary file into place (one rename)."""
-    os.replace(tmp, target)
-
-
 def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
            reason: str = "", log=print) -> list[str]:
     """Regenerate the goldens of `families` x `classes` (default: all, on every class this
@@ -534,6 +530,11 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
     return sorted(changed)
 
 
+def _install(tmp: str, target: Path) -> None:
+    """Move a finished temporary file into place (one rename; a seam for failure tests)."""
+    os.replace(tmp, target)
+
+
 def _write_all(golden_dir: Path, blobs: dict[str, bytes]) -> None:
     """Phase 2: temporary files next to their targets; phase 3: rename them in order (the
     manifest is last). Any failure removes the temporaries and puts back what was replaced."""
@@ -542,11 +543,8 @@ def _write_all(golden_dir: Path, blobs: dict[str, bytes]) -> None:
     try:
         for rel in order:
             target = golden_dir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-            temps[rel] = tmp
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; goldens are for everyone to read
-            with os.fdopen(fd, "wb") as f:
+            tmp = temps[rel] = temp_beside(target)
+            with open(tmp, "wb") as f:
                 f.write(blobs[rel])
                 f.flush()
                 os.fsync(f.fileno())
@@ -640,7 +638,7 @@ class FileResult:
     drift: str = ""  # the library that computes it differs from the golden's: say which
 
 
-EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23}
+EPS = {name: d.eps for name, d in DTYPES.items() if name != "float64"}
 
 
 @dataclass(frozen=True)
@@ -905,32 +903,6 @@ def summarize_foreign(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`parity golden check|update` on the CLI's subparsers."""
-    g = subparsers.add_parser("golden", help="check or regenerate the golden activation files")
-    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    gs = g.add_subparsers(dest="golden_command", parser_class=type(g))
-    c = gs.add_parser("check", help="regenerate every golden in memory and compare")
-    c.add_argument("--families", nargs="+", default=None)
-    c.add_argument("--dir", default=None, help=f"golden folder (default {DEFAULT_DIR})")
-    c.add_argument("--show-drift", action="store_true",
-                   help="per-site drift of every golden (shown anyway when the torch (fast path) "
-                        "or numpy (reference) version differs from the golden's)")
-    c.add_argument("--file", action="append", default=None, metavar="FILE",
-                   help="check a parity-golden/1 file (from any system) against the float64 "
-                        "reference on --checkpoint instead of the golden folder (repeatable)")
-    c.add_argument("--checkpoint", default=None, help="checkpoint directory for --file")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    u = gs.add_parser("update", help="regenerate the goldens (atomic; manifest last)")
-    u.add_argument("--families", nargs="+", default=None)
-    u.add_argument("--classes", nargs="+", default=None,
-                   help="device classes to generate (default: every class of this machine)")
-    u.add_argument("--reason", default="", help="why (kept in MANIFEST.json's history)")
-    u.add_argument("--dir", default=None, help=f"golden folder (default {DEFAULT_DIR})")
-    u.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    return g
-
-
 def cmd_golden(a) -> int:
     """0 pass / done, 1 a golden diverges, ParityError (exit 2) for anything unusable."""
     d = Path(a.dir) if getattr(a, "dir", None) else DEFAULT_DIR
@@ -972,29 +944,6 @@ def _print_foreign(rows: list[dict]) -> int:
     return 1 if fails else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m parity.goldens check|update ...`, the same as `parity golden check|update
-    ...` (same exit codes, one `error: ...` line on bad input)."""
-    from .cli import _one_line, _Parser
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        p = _Parser(prog="parity")
-        sub = p.add_subparsers(dest="command", parser_class=_Parser)
-        add_parser(sub)
-        return cmd_golden(p.parse_args(["golden", *argv]))
-    except ParityError as e:
-        if "--debug" in argv:
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

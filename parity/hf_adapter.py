@@ -60,7 +60,7 @@ from reference.sites import site_names
 from reference.trace import Recorder, Trace
 
 from .errors import ParityError
-from .subjects import normalize_dtype
+from .devices import normalize_dtype
 
 INSTALL_HINT = "install the 'hf' extra: pip install gpt-parity[hf]"
 NOTE = "loads the whole model"

@@ -8,7 +8,8 @@ import numpy as np
 
 from reference.config import ModelConfig
 
-from .errors import ParityError, TokenizerMissing
+from .errors import ParityError
+from .tokenizer_check import load_tokenizer
 
 
 @dataclass
@@ -85,26 +86,6 @@ def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
         ids[i, t - len(r):] = r
         mask[i, t - len(r):] = 1
     return Inputs(ids, mask if (mask == 0).any() else None)
-
-
-def load_tokenizer(ckpt_dir: Path):
-    """The checkpoint's tokenizer as transformers builds it: tokenizer.json as is, or
-    vocab.json + merges.txt (GPT-2's byte-level BPE with <|endoftext|>, or OpenAI GPT's
-    lower-cased </w> BPE) plus added_tokens.json (GPT-J's <|extratoken_N|>)."""
-    from .tokenizer_check import build_tokenizer
-
-    ckpt_dir = Path(ckpt_dir)
-    has_files = (ckpt_dir / "tokenizer.json").is_file() or (
-        (ckpt_dir / "vocab.json").is_file() and (ckpt_dir / "merges.txt").is_file())
-    if not has_files:
-        raise TokenizerMissing(f"{ckpt_dir}: no tokenizer files (tokenizer.json, or vocab.json "
-                               "+ merges.txt) for --text")
-    try:
-        return build_tokenizer(ckpt_dir)
-    except ParityError:
-        raise
-    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
-        raise ParityError(f"{ckpt_dir}: tokenizer files unreadable ({e})") from None
 
 
 def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""Bounded-memory lockstep comparison (issue 6): reference, rounding floor and subject advance
+"""Bounded-memory lockstep comparison: reference, rounding floor and subject advance
 one layer at a time from lazily read weights; each layer's sites are compared, then dropped.
 
 Memory stays flat in depth: no weight is kept after its layer, float64 copies of large matrices
@@ -22,6 +22,7 @@ from reference.model import Context, RoundedWeights, make_context
 from . import budgets as B
 from .checkpoint import Checkpoint, LazyWeights
 from .compare import make_records, to_frame, token_rows, wide_sites
+from .devices import emulated
 from .inputs import Inputs
 
 CHUNK_ELEMENTS = 1 << 24  # weight elements converted to float64 at once (128 MiB)
@@ -97,7 +98,7 @@ def lockstep(ckpt: Checkpoint, inputs: Inputs, model, *, policy: dict | None = N
     rows = token_rows(inputs)
     common = dict(family=cfg.family, label=label, variant=variant or model.variant, dtype=dtype,
                   subject_dtype=dtype, device=meta.get("device", "cpu"),
-                  emulate=str(meta.get("emulate", "")) in ("True", "on", "true"))
+                  emulate=emulated(meta))
     records: list[dict] = []
     kept: dict[str, np.ndarray] = {}
     states = {"accumulated": {}, "local": {}}  # overflow origins carried across layers

@@ -9,14 +9,13 @@ import math
 
 import numpy as np
 
+from reference.dtypes import DTYPES
 from reference.ops import round_to
 
-DTYPE_MAX = {"float16": 65504.0, "bfloat16": float.fromhex("0x1.fep127"),
-             "float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
-# unit roundoff u = 2^-(stored mantissa bits + 1): round-to-nearest moves a value by at most u
-# relative (uniformly within +-u for generic values, variance u^2/3)
-UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24,
-                 "float64": 2.0 ** -53}
+DTYPE_MAX = {name: d.max for name, d in DTYPES.items()}
+# unit roundoff u: round-to-nearest moves a value by at most u relative (uniformly within +-u
+# for generic values, variance u^2/3)
+UNIT_ROUNDOFF = {name: d.unit_roundoff for name, d in DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- ULP distance

@@ -20,7 +20,6 @@ import html
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from reference.families import FAMILIES
 from reference.sites import block_output_site
 
 from .errors import ParityError
+from .files import atomic_write
 from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
 
 DIVERGENCE_COLUMNS = (
@@ -902,16 +902,7 @@ def _check_frames(div, attribution, checks=None) -> None:
 
 def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
     """Write to a hidden temporary file beside the target and rename it over the target."""
-    path = folder / name
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        return atomic_write(folder / name, data)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise ParityError(f"{folder}: cannot write {name} ({e.strerror or e})") from None
-    return path

@@ -41,7 +41,6 @@ the package in a source checkout); the search needs the `test` extra (hypothesis
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -58,13 +57,12 @@ import numpy as np
 import reference
 
 from .errors import ParityError
+from .metrics import UNIT_ROUNDOFF
 
 CHUNK = 50  # examples per Hypothesis run (one pool task)
 TARGET_CAP = 1e6  # hypothesis.target() needs finite observations: inf is reported as this
 # unit roundoff (half an ulp at 1) of a site's dtype, and the least floor, in units of it, that
 # makes a floor ratio a measurement (`measured`)
-UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24,
-                 "float64": 2.0 ** -53}
 FLOOR_MIN_U = 1e-2
 NOT_MEASURED = "not measured (floor ~0)"
 SCALE_GROUPS = ("embed", "qk", "mlp")
@@ -624,26 +622,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 1 <= i <= n:
         raise ParityError(f"--shard: i/n needs 1 <= i <= n, got {text!r}")
     return i, n
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`parity search` on the CLI's subparsers."""
-    p = subparsers.add_parser("search", help="worst-case search: where does a preset diverge most?")
-    p.add_argument("--family", required=True)
-    p.add_argument("--variant", default="hf", help="fast-path variant (hf, meg, sdpa, ...)")
-    p.add_argument("--dtype", default="float16", help="float16 | bfloat16 | float32")
-    p.add_argument("--preset", default="tiny", help="checkpoint recipe preset: tiny | stress")
-    p.add_argument("--layers", type=int, default=None, help="layers of the recipe checkpoint")
-    p.add_argument("--max-examples", type=int, default=100, help="examples in this shard")
-    p.add_argument("--shard", default="1/1", help="i/n: this shard of n (1-based)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--max-log2-scale", type=int, default=8,
-                   help="weight groups are scaled by 2^k, k in [0, this]; 0 = no scaling")
-    p.add_argument("--max-len", type=int, default=32, help="longest token batch drawn")
-    p.add_argument("--top", type=int, default=3, help="worst cases written as reproducers")
-    p.add_argument("--out", default=None, help="output folder (default reports/search/<run>)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    return p
 
 
 def cmd_search(a) -> int:

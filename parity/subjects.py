@@ -6,22 +6,15 @@ float64 NumPy (the subject's values, exactly), `trace.dtypes[site]` names the dt
 from __future__ import annotations
 
 import reference
+from reference import dtypes
 
 from .checkpoint import Checkpoint
+from .devices import normalize_dtype  # noqa: F401 (re-exported: where a subject runs)
 from .errors import ParityError
 from .inputs import Inputs
 
 IMPLS = ("reference", "fast", "hf")
-DTYPES = ("float64", "float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "half": "float16",
-                 "bf16": "bfloat16", "double": "float64", "float": "float32"}
-
-
-def normalize_dtype(dtype: str) -> str:
-    d = DTYPE_ALIASES.get(dtype, dtype)
-    if d not in DTYPES:
-        raise ParityError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    return d
+DTYPES = tuple(dtypes.DTYPES)
 
 
 def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = None,

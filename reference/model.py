@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ops
+from . import dtypes, ops
 from .config import ModelConfig
 from .trace import Recorder, Trace
 
@@ -162,7 +162,7 @@ def make_context(
             f"attention_mask has shape {key_mask.shape}, expected {(b, past_len + t)} "
             "(past plus new tokens)"
         )
-    dtype = "float64" if floor is None else ops.DTYPE_ALIASES.get(floor, floor)
+    dtype = "float64" if floor is None else dtypes.canonical(floor)
     trace = Trace(
         family=cfg.family,
         input_ids=ids,

@@ -9,9 +9,12 @@ import math
 
 import numpy as np
 
+from . import dtypes
+
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608028654, full double precision
 MEGATRON_SQRT_2_OVER_PI = 0.79788456  # Megatron's truncated constant (MODEL_NOTES section 5b)
 GELU_CUBIC = 0.044715
+GELU_FAST_C = 0.7978845608  # HF FastGELU's own rounding of sqrt(2/pi)
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -30,7 +33,7 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
 
 def gelu_fast(x: np.ndarray) -> np.ndarray:
     """HF gelu_fast: 0.5 x (1 + tanh(x 0.7978845608 (1 + 0.044715 x^2)))."""
-    return 0.5 * x * (1.0 + np.tanh(x * 0.7978845608 * (1.0 + GELU_CUBIC * x * x)))
+    return 0.5 * x * (1.0 + np.tanh(x * GELU_FAST_C * (1.0 + GELU_CUBIC * x * x)))
 
 
 def gelu_megatron(x: np.ndarray) -> np.ndarray:
@@ -143,26 +146,19 @@ def apply_rotary(x: np.ndarray, sin: np.ndarray, cos: np.ndarray, rotary_dim: in
 
 
 # ----------------------------------------------------------------------------- rounding (floor)
-_FORMATS = {
-    # name: (stored mantissa bits, minimum normal exponent, maximum finite value)
-    "float16": (10, -14, 65504.0),
-    "bfloat16": (7, -126, float.fromhex("0x1.fep127")),
-}
-DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     """Round float64 values to the nearest value of `dtype` (float16 / bfloat16), ties to even,
     with subnormals and overflow to +-inf, returned as float64. Pure bit arithmetic.
 
     float64 / float32 are accepted too (float32 through NumPy's own correctly rounded cast)."""
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    dtype = dtypes.canonical(dtype)
     x = np.asarray(x, dtype=np.float64)
     if dtype == "float64":
         return x
     if dtype == "float32":
         return x.astype(np.float32).astype(np.float64)
-    mant, emin, fmax = _FORMATS[dtype]
+    f = dtypes.facts(dtype)
+    mant, emin, fmax = f.mantissa, f.min_exp, f.max
     shift = 52 - mant
     bits = x.view(np.int64)
     lsb = (bits >> shift) & 1
@@ -196,7 +192,7 @@ def floor_matmul(a: np.ndarray, b: np.ndarray, dtype: str | None = None) -> np.n
     """a @ b as the rounding floor of `dtype` computes it (float64 result): exact float64 for
     half dtypes (and the float64 reference); for float32, float32 operands multiplied and
     accumulated in float32 (see GEMM_ACCUMULATION)."""
-    acc = GEMM_ACCUMULATION.get(DTYPE_ALIASES.get(dtype, dtype)) if dtype else None
+    acc = GEMM_ACCUMULATION.get(dtypes.canonical(dtype)) if dtype else None
     if acc is None:
         return a @ b
     return (np.asarray(a).astype(acc) @ np.asarray(b).astype(acc)).astype(np.float64)

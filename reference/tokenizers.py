@@ -71,7 +71,7 @@ def unicode_pins_note() -> str:
         return ""
     return (f"Unicode pins made against unicodedata {pins.UNIDATA_VERSION}, this Python has "
             f"{unicodedata.unidata_version}: rare characters may differ (regenerate with "
-            "`python -m parity.tokenizer_check --write-unicode-pins`)")
+            "`parity tokenizer --write-unicode-pins`)")
 
 
 def _expand(runs) -> dict[int, object]:

@@ -134,11 +134,9 @@ def test_missing_upcast_overflows_only_on_stress_magnitudes(bench):
 
 # ----------------------------------------------------------------------------- the command
 def _detection(tmp_path, *args):
-    from parity.cli import _Parser
+    from parity.cli import build_parser
 
-    p = _Parser(prog="parity")
-    D.add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
-    a = p.parse_args(["detection", "--out", str(tmp_path), *args])
+    a = build_parser().parse_args(["detection", "--out", str(tmp_path), *args])
     return D.cmd_detection(a)
 
 

@@ -51,7 +51,7 @@ def test_every_reference_module_has_an_entry_and_every_entry_a_module():
     pkg = Path(reference.__file__).parent
     modules = {m.name for m in pkgutil.iter_modules([str(pkg)])}
     named = {family(f).module for f in FAMILIES}
-    shared = {"config", "families", "model", "ops", "sites", "trace", "tokenizers",
+    shared = {"config", "dtypes", "families", "model", "ops", "sites", "trace", "tokenizers",
               "tokenizer_unicode"}
     assert modules - shared == named, (
         f"modules without an entry: {sorted(modules - shared - named)}, "

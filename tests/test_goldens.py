@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 import reference
 import reference.ops as ops
-from parity import fast, goldens
+from parity import cli, fast, goldens
 from parity.budgets import tolerance
 from parity.checkpoint import load_checkpoint
 from parity.errors import ParityError
@@ -79,7 +79,7 @@ def rewrite(d: Path, rel: str, tensors_fn=None, meta_fn=None, reseal=True) -> No
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = goldens.main([str(a) for a in argv])
+    rc = cli.main(["golden", *(str(a) for a in argv)])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 

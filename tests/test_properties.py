@@ -156,7 +156,7 @@ def decisive_flips(ckpt, inputs: Inputs, subject: Subject, mode: str, policy,
                             inputs.position_ids)
     model = model_factory(ckpt, subject.variant, dtype=subject.dtype)
     streams = block_inputs(ref, cfg)
-    t = model.forward(inputs) if mode == "accumulated" else C.run_local(model, inputs, streams)
+    t = model.forward(inputs) if mode == "accumulated" else C.forward_local(model, inputs, streams)
     dtype = t.meta["dtype"]
     wide = {k: v for k, v in t.dtypes.items() if v != dtype and k != "logits"}
     flo = (floor_local(cfg, weights, inputs, streams, dtype, wide)["logits"] if mode == "local"
@@ -327,11 +327,9 @@ def test_overflow_example_names_site_and_magnitude(save):
 
 # ----------------------------------------------------------------------------- worst-case search
 def _search_cli(*args) -> int:
-    from parity.cli import _Parser
+    from parity.cli import build_parser
 
-    p = _Parser(prog="parity")
-    S.add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
-    return S.cmd_search(p.parse_args(["search", *args]))
+    return S.cmd_search(build_parser().parse_args(["search", *args]))
 
 
 def test_search_writes_reproducers_that_replay(tmp_path, capsys):

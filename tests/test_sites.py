@@ -78,7 +78,7 @@ CONFIGS = {
     "gptj": dict(model_type="gptj", vocab_size=V, n_positions=16, n_embd=D, n_layer=2,
                  n_head=H, n_inner=F, rotary_dim=4),
 }
-NON_FAMILY_MODULES = {"config", "families", "model", "ops", "sites", "trace",  # shared machinery
+NON_FAMILY_MODULES = {"config", "dtypes", "families", "model", "ops", "sites", "trace",  # shared machinery
                       "tokenizers", "tokenizer_unicode"}  # the tokenizer reference
 
 

@@ -163,13 +163,13 @@ def _pins_restricted(cps):
 def _assert_pins(probed, cps):
     assert pins.UNIDATA_VERSION == unicodedata.unidata_version, (
         "the Unicode pins were made against another Python Unicode database: run "
-        "`python -m parity.tokenizer_check --write-unicode-pins` and review the diff")
+        "`parity tokenizer --write-unicode-pins` and review the diff")
     want = _pins_restricted(cps)
     for table in want:
         assert probed[table] == want[table], (
             f"tokenizers {tokenizers.__version__} classifies characters differently from the "
             f"pinned {table!r} table (pinned from {pins.TOKENIZERS_VERSION}): regenerate with "
-            "`python -m parity.tokenizer_check --write-unicode-pins` and review the diff")
+            "`parity tokenizer --write-unicode-pins` and review the diff")
 
 
 def test_unicode_pins_hold_on_a_sample():

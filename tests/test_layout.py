@@ -1,0 +1,81 @@
+"""The shape of the code: no import cycles inside parity/ and reference/ (function-level imports
+count too: a cycle deferred to call time is still a cycle), every subcommand's arguments in one
+CLI module, and comments and docstrings that explain the code rather than cite the tracker."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("parity", "reference")
+
+
+def modules() -> dict[str, Path]:
+    return {f"{pkg}.{p.stem}" if p.stem != "__init__" else pkg: p
+            for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))}
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of this project that `name` imports anywhere in its body."""
+    pkg = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            cands = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            cands = [a.name for a in node.names]
+        else:
+            continue
+        out |= {c for c in cands if c in known and c != name}
+    return out
+
+
+def test_no_import_cycles():
+    mods = modules()
+    graph = {m: imports(m, p, set(mods)) for m, p in mods.items()}
+    # a package's __init__ re-exporting its modules is not a dependency of those modules on it
+    graph = {m: {d for d in deps if d not in PACKAGES} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_the_detector_sees_a_cycle(tmp_path, monkeypatch):
+    """The check above can fail: a deferred import that closes a loop is found."""
+    a = tmp_path / "a.py"
+    a.write_text("def f():\n    from .b import g\n")
+    assert imports("parity.a", a, {"parity.a", "parity.b"}) == {"parity.b"}
+
+
+def test_every_subcommand_argument_is_defined_in_the_cli_module():
+    where = {p.name for p in (ROOT / "parity").glob("*.py")
+             if re.search(r"\.add_argument\(", p.read_text())}
+    assert where == {"cli.py"}, where
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_code_does_not_cite_the_tracker(pkg):
+    hits = [f"{p.name}:{n}" for p in sorted((ROOT / pkg).glob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"\bissues? \d+\b", line, re.IGNORECASE)]
+    assert not hits, hits
