@@ -161,9 +161,10 @@ def _parity(*args, cwd=None):
 
 @pytest.mark.parametrize("fields", [{}, {"use_parallel_residual": False, "rotary_pct": 1.0}],
                          ids=["parallel", "sequential-full-rotary"])
-def test_gate_passes_a_checkpoint_saved_by_transformers(tmp_path, fields):
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_gate_passes_a_checkpoint_saved_by_transformers(tmp_path, fields, impl):
     ck = _save_hf(tmp_path, fields)
-    r = _parity("gate", ck, "--max-new-tokens", 2)
+    r = _parity("gate", ck, "--impl", impl, "--report", tmp_path / "report")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
@@ -224,8 +225,8 @@ def test_gate_fails_a_misconverted_checkpoint(tmp_path, how):
                 "--out", golden)
     assert r.returncode == 0, r.stderr
     bad = _mutant(good, tmp_path / "bad", how)
-    ok = _parity("gate", good, "--golden", golden, "--max-new-tokens", 1)
+    ok = _parity("gate", good, "--golden", golden, "--report", tmp_path / "ok")
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
-    r = _parity("gate", bad, "--golden", golden, "--max-new-tokens", 1)
+    r = _parity("gate", bad, "--golden", golden, "--report", tmp_path / "bad")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "golden" in r.stdout
