@@ -501,7 +501,7 @@ class FastModel:
         stream), which is rounded to the subject dtype first."""
         h = self._stream(h)
         s, p, r = f"blocks.{i}.", f"h.{i}.", self.num.r
-        kind = self.fam.block
+        kind = self.cfg.block  # the family's, or what its config switches it to
         if kind == "pre":
             a = self.attention(ctx, i, ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1")))
             h = ctx.site(s + "resid_mid", r(a + h))  # HF: attn_output + residual
@@ -517,8 +517,11 @@ class FastModel:
         assert kind == "parallel", kind
         x = ctx.site(s + "ln_1", self.layer_norm(h, p + "ln_1"))  # one LN feeds both branches
         a = self.attention(ctx, i, x)
+        if len(self.fam.ln) == 2:  # NeoX: a second LN of the same h feeds the MLP
+            x = ctx.site(s + "ln_2", self.layer_norm(h, p + "ln_2"))
         m = self.mlp(ctx, i, x)
-        return ctx.site(s + "resid_post", r(r(a + m) + h))  # HF: attn + ff + residual
+        # HF: attn + ff + residual (GPT-J), mlp + attn + residual (NeoX): one rounding each
+        return ctx.site(s + "resid_post", r(r(a + m) + h))
 
     def mlp(self, ctx: FastContext, i: int, x) -> torch.Tensor:
         s, p = f"blocks.{i}.mlp.", f"h.{i}."
@@ -530,11 +533,15 @@ class FastModel:
         cfg, fam, p = self.cfg, self.fam, f"h.{i}."
         b, t, d = x.shape
         H, hd = cfg.n_head, cfg.head_dim
-        if fam.fused_qkv:
-            q, k, v = self.proj(x, p + fam.qkv[0], bias=fam.qkv_bias).split(d, dim=-1)
+        if fam.fused_qkv and fam.qkv_layout == "per_head":  # [q_h0 | k_h0 | v_h0 | q_h1 ...]
+            qkv = self.proj(x, p + fam.qkv[0], bias=fam.qkv_bias).reshape(b, t, H, 3 * hd)
+            q, k, v = qkv.split(hd, dim=-1)
         else:
-            q, k, v = (self.proj(x, p + name, bias=fam.qkv_bias) for name in fam.qkv)
-        q, k, v = (z.reshape(b, t, H, hd) for z in (q, k, v))
+            if fam.fused_qkv:
+                q, k, v = self.proj(x, p + fam.qkv[0], bias=fam.qkv_bias).split(d, dim=-1)
+            else:
+                q, k, v = (self.proj(x, p + name, bias=fam.qkv_bias) for name in fam.qkv)
+            q, k, v = (z.reshape(b, t, H, hd) for z in (q, k, v))
         if fam.rotary:
             q, k = self.rotary(ctx, q), self.rotary(ctx, k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
@@ -612,17 +619,19 @@ class FastModel:
         return out
 
     def rotary(self, ctx: FastContext, x: torch.Tensor) -> torch.Tensor:
-        """GPT-J interleaved rotary on the first rotary_dim dims of each head. x: (B, T, H, hd).
-        native (HF): sin/cos cast to x's dtype, (x*cos) + (rotate_every_two(x)*sin), each op
-        rounded; fp32: computed in fp32, rounded once."""
+        """Rotary on the first rotary_dim dims of each head, GPT-J's interleaved pairs or NeoX's
+        rotate-half (the registry's `rotary` style). x: (B, T, H, hd).
+        native (HF): sin/cos cast to x's dtype, (x*cos) + (rotate(x)*sin), each op rounded;
+        fp32: computed in fp32, rounded once."""
         R, num = self.cfg.rotary_dim, self.num
         sin, cos = self._sincos(ctx)  # (B, T, 1, R) in the compute precision
         rot, rest = x[..., :R], x[..., R:]
+        turn = _rotate_half if self.fam.rotary == "rotate_half" else _rotate_every_two
         if self.knobs.rotary == "fp32":
             ru = num.upcast(rot)
-            y = num.r(ru * cos + _rotate_every_two(ru) * sin)
+            y = num.r(ru * cos + turn(ru) * sin)
         else:
-            y = num.r(num.r(rot * cos) + num.r(_rotate_every_two(rot) * sin))
+            y = num.r(num.r(rot * cos) + num.r(turn(rot) * sin))
         return torch.cat([y, rest], dim=-1)
 
     def _sincos(self, ctx: FastContext):
@@ -635,18 +644,27 @@ class FastModel:
             else:
                 sin, cos = (z.to(self.num.device, self.num.phys if self.dtype == torch.float64
                                  else torch.float32) for z in (sin, cos))
-            sin, cos = (torch.repeat_interleave(z[:, :, None, :], 2, dim=3) for z in (sin, cos))
+            if self.fam.rotary == "rotate_half":  # [f0..f_{R/2-1} | f0..f_{R/2-1}]
+                sin, cos = (torch.cat([z, z], dim=-1)[:, :, None, :] for z in (sin, cos))
+            else:  # each frequency twice, interleaved
+                sin, cos = (torch.repeat_interleave(z[:, :, None, :], 2, dim=3)
+                            for z in (sin, cos))
             ctx._sincos = (sin, cos)
         return ctx._sincos
 
     def rotary_table(self):
-        """HF's `create_sinusoidal_positions`, in fp32 (float64 when the model runs in
-        float64, where it must be exact): rows = positions, columns = R/2 frequencies."""
+        """HF's `create_sinusoidal_positions` (GPT-J) / rotary_emb (NeoX, base rope_theta), in
+        fp32 (float64 when the model runs in float64, where it must be exact): rows = positions,
+        columns = R/2 frequencies."""
         if not self._rotary_table:
-            n, R = self.cfg.n_positions, self.cfg.rotary_dim
+            n, R, base = self.cfg.n_positions, self.cfg.rotary_dim, self.cfg.rotary_base
             if self.dtype == torch.float64:
-                s, c = reference.ops.rotary_sin_cos(np.arange(n), R)
-                sin, cos = torch.from_numpy(s[:, 0::2].copy()), torch.from_numpy(c[:, 0::2].copy())
+                s, c = reference.ops.rotary_half_sin_cos(np.arange(n), R, base)
+                sin, cos = (torch.from_numpy(z[:, :R // 2].copy()) for z in (s, c))
+            elif base != 10000.0:  # NeoX: base ** (arange(0, R, 2, float) / R), all in fp32
+                inv_freq = 1.0 / (base ** (torch.arange(0, R, 2, dtype=torch.float) / R))
+                inp = torch.arange(n, dtype=torch.int64).float()[:, None] * inv_freq
+                sin, cos = torch.sin(inp), torch.cos(inp)
             else:
                 inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.int64) / R))
                 inp = torch.arange(n, dtype=torch.int64).float()[:, None] * inv_freq
@@ -694,7 +712,13 @@ class FastModel:
         return self.finish(ctx)
 
     def site_names(self) -> list[str]:
-        return site_names(self.family, self.cfg.n_layer)
+        return site_names(self.family, self.cfg.n_layer, self.cfg.block)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1 | x2] -> [-x2 | x1] (halves of the rotary dims): exact."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:

@@ -75,12 +75,20 @@ CACHE_K, CACHE_V = ("", "cache_k"), ("", "cache_v")
 
 
 
-def taps(fam) -> dict[str, tuple[str, str]]:
-    """Where each block site of a family is read: site kind -> (module path inside block i, how).
-    Derived from the registry's names and wiring (`reference.families`)."""
+def taps(fam, block: str | None = None) -> dict[str, tuple[str, str]]:
+    """Where each block site of a family is read: site kind -> (module path inside block i, how),
+    module paths as transformers names them (the registry's `hf_names`). Derived from the
+    registry's names and wiring (`reference.families`); `block` is the config's block kind."""
+    t = _taps(fam, block or fam.block)
+    return {k: (fam.hf_name(path) if path else path, how) for k, (path, how) in t.items()}
+
+
+def _taps(fam, block: str) -> dict[str, tuple[str, str]]:
     attn = fam.attn_module
     t = {"ln_1": ("ln_1", OUT)}
-    if fam.fused_qkv:  # q (and, without a cache, k and v) are thirds of the fused output
+    if fam.fused_qkv and fam.rotary:  # q after rotary never leaves the attention function
+        pass
+    elif fam.fused_qkv:  # q (and, without a cache, k and v) are thirds of the fused output
         t["attn.q"] = (fam.qkv[0], QKV[0])
     elif not fam.rotary:  # q after rotary never leaves the attention function
         t["attn.q"] = (fam.qkv[0], HEADS)
@@ -98,27 +106,45 @@ def taps(fam) -> dict[str, tuple[str, str]]:
         "mlp.out": (fam.fc_out, OUT),
         "resid_post": ("", OUT),
     })
-    if fam.block == "pre":
+    if block == "pre":
         t.update({"resid_mid": ("ln_2", IN), "ln_2": ("ln_2", OUT)})
-    elif fam.block == "post":  # the LayerNorms follow the residual sums
+    elif block == "post":  # the LayerNorms follow the residual sums
         t.update({"resid_mid": ("ln_1", IN), "ln_1": ("ln_1", OUT),
                   "resid_post": ("ln_2", IN), "ln_2": ("", OUT)})
+    elif "ln_2" in fam.ln:  # parallel with two LNs (NeoX): ln_2 feeds the MLP
+        t["ln_2"] = ("ln_2", OUT)
     return t
 
 
 TAPS: dict[str, dict[str, tuple[str, str]]] = {f: taps(family(f)) for f in FAMILIES}
 # The block sites the adapter exposes per family with eager attention, in execution order.
 HF_SITES = {f: tuple(k for k in family(f).block_sites if k in TAPS[f]) for f in FAMILIES}
+
+
+def hf_sites(name: str, block: str | None = None) -> tuple[str, ...]:
+    """HF_SITES under the config's block kind (a family whose config switches it: NeoX)."""
+    fam = family(name)
+    if block in (None, fam.block):
+        return HF_SITES[name]
+    t = taps(fam, block)
+    return tuple(k for k in fam.sites_for(block) if k in t)
+
+
+def blocks_of(model, fam):
+    """The transformer body of an HF causal LM and its list of blocks (registry names)."""
+    body = getattr(model, fam.hf_body)
+    return body, getattr(body, fam.hf_name("h"))
 EAGER_ONLY = ("attn.scores", "attn.probs")  # need the softmax and the weights of eager attention
 EAGER_LIKE = ("eager", "baddbmm")
 
 
-def exposed_sites(family: str, n_layer: int, attn_implementation: str = "eager") -> list[str]:
+def exposed_sites(family: str, n_layer: int, attn_implementation: str = "eager",
+                  block: str | None = None) -> list[str]:
     """The site names a trace from this adapter can hold, in order (embed, blocks, ln_f, logits)."""
-    kinds = set(HF_SITES[family])
+    kinds = set(hf_sites(family, block))
     if attn_implementation not in EAGER_LIKE:
         kinds -= set(EAGER_ONLY)
-    return [s for s in site_names(family, n_layer) if not s.startswith("blocks.")
+    return [s for s in site_names(family, n_layer, block) if not s.startswith("blocks.")
             or s.split(".", 2)[2] in kinds]
 
 
@@ -341,7 +367,7 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
             tap.record(f"blocks.{i}.attn.v", v[:, :, -t:])
     trace.cache = [(_np(k), _np(v)) for k, v in cache]
     tap.record("logits", out.logits, force=True)
-    order = {s: n for n, s in enumerate(site_names(fam.name, cfg.n_layer))}
+    order = {s: n for n, s in enumerate(site_names(fam.name, cfg.n_layer, cfg.block))}
     trace.sites = dict(sorted(trace.sites.items(), key=lambda kv: order[kv[0]]))
     return trace
 
@@ -395,13 +421,16 @@ class _Taps:
         self.skip = () if eager else EAGER_ONLY  # sdpa: no softmax, no weights
         self.handles: list = []
         self.present: list = []  # OpenAI GPT: (k, v) per layer from c_attn
-        body = model.transformer
+        body, layers = blocks_of(model, self.fam)
+        self.taps = taps(self.fam, cfg.block)
+        self.sites = hf_sites(cfg.family, cfg.block)
         if rec.wants("embed"):
-            self._hook(body.h[0], IN, lambda x: self.record("embed", x))
-        for i, block in enumerate(body.h):
+            self._hook(layers[0], IN, lambda x: self.record("embed", x))
+        for i, block in enumerate(layers):
             self._block(i, block)
         if self.fam.ln_f and rec.wants("ln_f"):
-            self._hook(body.ln_f, OUT, lambda x: self.record("ln_f", x))
+            self._hook(getattr(body, self.fam.hf_name("ln_f")), OUT,
+                       lambda x: self.record("ln_f", x))
 
     def wants_kind(self, kind: str) -> bool:
         return any(self.rec.wants(f"blocks.{i}.{kind}") for i in range(self.cfg.n_layer))
@@ -418,9 +447,9 @@ class _Taps:
 
     # -- installing
     def _block(self, i: int, block) -> None:
-        taps, n_head = TAPS[self.family], self.cfg.n_head
+        taps, n_head = self.taps, self.cfg.n_head
         groups: dict[tuple[str, str], list[str]] = {}
-        for kind in HF_SITES[self.family]:
+        for kind in self.sites:
             path, how = taps[kind]
             site = f"blocks.{i}.{kind}"
             if how.startswith("cache_") or kind in self.skip or not self.rec.wants(site):

@@ -118,13 +118,17 @@ def _hf(family: str, cfg=None) -> Knobs:
       softmax in fp32, probabilities cast to v's dtype.
     - gptj: q, k cast to fp32, matmul * hd^-0.5 in fp32, fp32 softmax; rotary in q's dtype with
       the fp32 sin/cos table cast to the model dtype.
+    - gpt_neox: matmul(q, k^T) * hd^-0.5 in the model dtype, additive finfo.min mask,
+      softmax(dtype=float32) cast back to q's dtype (`hf_softmax_fp32`); rotate-half rotary in
+      q's dtype with the fp32 cos/sin cast to the model dtype.
     """
     fam = _family(family)
     gelu = _hf_gelu(cfg.activation if cfg is not None else fam.activation)
     if cfg is not None and cfg.reorder_and_upcast_attn:  # a GPT-2 config option
         return Knobs(attn_scores="baddbmm", attn_upcast=True, softmax="fp32", gelu=gelu)
     return Knobs(attn_scores="matmul", attn_upcast=fam.hf_attn_upcast, scale_op=fam.hf_scale_op,
-                 softmax="fp32" if fam.hf_attn_upcast else "half", mask_fill=fam.hf_mask_fill,
+                 softmax="fp32" if fam.hf_attn_upcast or fam.hf_softmax_fp32 else "half",
+                 mask_fill=fam.hf_mask_fill,
                  gelu=gelu)
 
 

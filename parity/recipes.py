@@ -35,6 +35,12 @@ TINY = {
     "gptj": dict(model_type="gptj", vocab_size=512, n_positions=128, n_embd=64, n_layer=4,
                  n_head=4, rotary_dim=8, activation_function="gelu_new",
                  tie_word_embeddings=False),
+    # GPT-NeoX: rotary_pct 0.25 of hd 16 = 4 dims; Pythia's parallel residual, untied embed_out
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=512, max_position_embeddings=128,
+                     hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=256, hidden_act="gelu", rotary_pct=0.25,
+                     rotary_emb_base=10000, use_parallel_residual=True,
+                     tie_word_embeddings=False, layer_norm_eps=1e-5),
 }
 
 FULL_WIDTH = {
@@ -47,6 +53,11 @@ FULL_WIDTH = {
                     hidden_size=2048, num_heads=16, window_size=256),
     "gptj": dict(model_type="gptj", vocab_size=50400, n_positions=2048, n_embd=4096, n_head=16,
                  rotary_dim=64, tie_word_embeddings=False),
+    # Pythia-1B's width: 2048 wide, 8 heads (hd 256, rotary 64), vocab 50304
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=50304, max_position_embeddings=2048,
+                     hidden_size=2048, num_attention_heads=8, intermediate_size=8192,
+                     hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
+                     use_parallel_residual=True, tie_word_embeddings=False, layer_norm_eps=1e-5),
 }
 
 COMMON = dict(layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
@@ -135,10 +146,17 @@ def stress_tensor(family: str, name: str, a: np.ndarray, cfg, seed: int) -> np.n
         for j, dim in enumerate(S["outlier_dims"]):
             a[dim] += (1 if j % 2 == 0 else -1) * S["outlier_mlp_bias"]
     elif fam.fused_qkv and leaf == fam.qkv[0] + ".weight":
-        # Conv1D [d, 3d]: q columns [0, d), k columns [d, 2d)
-        q = a[:, h0] * S["qk_scale"]
-        a[:, h0] = q
-        a[:, d + h0.start:d + h0.stop] = q
+        # [Q | K | V]: q outputs [0, d), k [d, 2d); per head: head h's q [3h hd, (3h+1) hd), k next
+        if fam.qkv_layout == "per_head":
+            qo = slice(3 * h0.start, 3 * h0.start + hd)
+            ko = slice(qo.stop, qo.stop + hd)
+        else:
+            qo, ko = h0, slice(d + h0.start, d + h0.stop)
+        a = a if fam.conv1d else a.T  # outputs on the last axis
+        q = a[:, qo] * S["qk_scale"]
+        a[:, qo] = q
+        a[:, ko] = q
+        a = a if fam.conv1d else a.T
     elif not fam.fused_qkv and leaf == fam.qkv[0] + ".weight":  # Linear [out, in]
         a[h0, :] *= S["qk_scale"]
     elif not fam.fused_qkv and leaf == fam.qkv[1] + ".weight":
@@ -176,7 +194,7 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
     for gi, names in enumerate(groups.values()):
         tensors = {}
         for name in names:
-            key = name if name.startswith(fam.lm_head + ".") else fam.key_prefix + name
+            key = fam.hf_key(name)
             a = init_tensor(family, name, shapes[name], seed,
                             np.float32 if preset == "full-width" else np.float64)
             if preset == "stress":

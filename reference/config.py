@@ -37,9 +37,18 @@ class ModelConfig:
     # GPT-Neo
     attention_layers: tuple[str, ...] = ()
     window_size: int = 256
-    # GPT-J
+    # GPT-J, GPT-NeoX
     rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    # the block kind: the family's, or what config.json switches it to (NeoX's
+    # use_parallel_residual false -> "pre")
+    block: str = ""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def block_sites(self) -> tuple[str, ...]:
+        """The site kinds of one block under this config's block kind."""
+        return family(self.family).sites_for(self.block)
 
     @property
     def head_dim(self) -> int:
@@ -113,7 +122,7 @@ def parse_config(d: dict) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {name!r} (supported: {', '.join(FAMILIES)})")
     fam = family(name)
     keys, dflt = fam.config_keys, fam.defaults
-    eps = float(_get(d, "layer_norm_epsilon", default=1e-5))
+    eps = float(_get(d, *keys["eps"], default=1e-5))
 
     d_model = _int(d, keys["d_model"], dflt["d_model"])
     n_layer = _int(d, keys["n_layer"], dflt["n_layer"])
@@ -136,8 +145,28 @@ def parse_config(d: dict) -> ModelConfig:
             scale_attn_by_inverse_layer_idx=_bool(d, "scale_attn_by_inverse_layer_idx", False),
             reorder_and_upcast_attn=_bool(d, "reorder_and_upcast_attn", False),
         )
-    if fam.rotary:
-        cfg.update(rotary_dim=_get(d, "rotary_dim", default=64))
+    if fam.rotary and fam.rotary_config == "rotary_dim":
+        cfg.update(rotary_dim=_get(d, "rotary_dim", default=int(fam.rotary_default)))
+    elif fam.rotary:  # a fraction of the head: v5's rope_parameters, or the older spelling
+        rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
+        if rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (default only)")
+        pct = _get(rope, "partial_rotary_factor", default=_get(
+            d, "partial_rotary_factor", "rotary_pct", default=fam.rotary_default))
+        base = _get(rope, "rope_theta", default=_get(d, "rope_theta", "rotary_emb_base",
+                                                     default=10000.0))
+        hd = d_model // _int(d, keys["n_head"], dflt["n_head"])
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+            raise ConfigError(f"partial_rotary_factor {pct!r} must be in (0, 1]")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
+            raise ConfigError(f"rope_theta {base!r} must be a positive number")
+        cfg.update(rotary_dim=int(hd * pct), rotary_base=float(base))
+    block = fam.block
+    if fam.block_switch:
+        key, default = fam.block_switch
+        block = fam.block if _bool(d, key, default) else "pre"
     c = ModelConfig(
         family=name,
         vocab_size=_int(d, ("vocab_size",), dflt["vocab_size"]),
@@ -149,6 +178,7 @@ def parse_config(d: dict) -> ModelConfig:
         activation=fam.activation_aliases.get(act, act),
         layer_norm_epsilon=eps,
         tie_word_embeddings=_bool(d, "tie_word_embeddings", fam.tie_default),
+        block=block,
         raw=dict(d),
         **cfg,
     )

@@ -29,10 +29,23 @@ PRE_LN = ("ln_1", *ATTN, "resid_mid", "ln_2", *MLP, "resid_post")
 POST_LN = (*ATTN, "resid_mid", "ln_1", *MLP, "resid_post", "ln_2")
 # parallel: one LN feeds both branches; resid_post = attn + mlp + h
 PARALLEL = ("ln_1", *ATTN, *MLP, "resid_post")
+# parallel with two LNs (GPT-NeoX): ln_1 feeds attention, ln_2 (of the same h) the MLP;
+# resid_post = mlp + attn + h. There is no resid_mid: both LNs read the block input.
+PARALLEL_2LN = ("ln_1", *ATTN, "ln_2", *MLP, "resid_post")
 
 BLOCK_KINDS = ("pre", "post", "parallel")
 SCALE_RULES = ("config", "inv_sqrt_hd", "none")
-ROTARY_STYLES = (None, "interleaved")
+# interleaved: pairs (x0, x1), (x2, x3)... (GPT-J); rotate_half: x_j paired with x_{j+R/2} (NeoX)
+ROTARY_STYLES = (None, "interleaved", "rotate_half")
+QKV_LAYOUTS = ("blocks", "per_head")
+ROTARY_CONFIGS = ("rotary_dim", "partial_rotary_factor")
+
+
+def sites_of(block: str, ln: tuple[str, ...]) -> tuple[str, ...]:
+    """The block site list of a block kind with these LayerNorms."""
+    if block == "parallel":
+        return PARALLEL_2LN if len(ln) == 2 else PARALLEL
+    return {"pre": PRE_LN, "post": POST_LN}[block]
 
 # ----------------------------------------------------------------------------- config.json keys
 # Where a config.json keeps each ModelConfig field (first key present wins), per HF config class.
@@ -43,6 +56,7 @@ GPT2_CONFIG_KEYS = {
     "n_positions": ("n_positions", "max_position_embeddings"),
     "d_inner": ("n_inner",),  # null or absent: 4 * d_model
     "activation": ("activation_function",),
+    "eps": ("layer_norm_epsilon",),
 }
 GPT_NEO_CONFIG_KEYS = {
     "d_model": ("hidden_size", "n_embd"),
@@ -51,6 +65,16 @@ GPT_NEO_CONFIG_KEYS = {
     "n_positions": ("max_position_embeddings", "n_positions"),
     "d_inner": ("intermediate_size",),
     "activation": ("activation_function",),
+    "eps": ("layer_norm_epsilon",),
+}
+GPT_NEOX_CONFIG_KEYS = {
+    "d_model": ("hidden_size",),
+    "n_layer": ("num_hidden_layers",),
+    "n_head": ("num_attention_heads",),
+    "n_positions": ("max_position_embeddings",),
+    "d_inner": ("intermediate_size",),
+    "activation": ("hidden_act",),
+    "eps": ("layer_norm_eps",),
 }
 
 
@@ -73,6 +97,7 @@ class Family:
     # HF eager attention numerics: q, k upcast to fp32 (and an fp32 softmax); how the scale is
     # applied ("mul" by hd^-0.5 or "div" by sqrt(hd)); what masked scores hold
     hf_attn_upcast: bool = False
+    hf_softmax_fp32: bool = False  # softmax(dtype=float32) of scores kept in the model dtype
     hf_scale_op: str = "mul"
     hf_mask_fill: str = "finfo_min"
     # -- config.json
@@ -84,11 +109,17 @@ class Family:
     tie_default: bool = True  # tie_word_embeddings when config.json does not say
     # -- checkpoint names
     key_prefix: str = "transformer."  # stored keys carry it (or not); the LM head never does
+    # canonical name part -> the part HF stores (and names its modules) instead, e.g. NeoX's
+    # "h" -> "layers", "ln_1" -> "input_layernorm"; empty: HF's names are the canonical ones
+    hf_names: dict = field(default_factory=dict)
     tok: str = "wte"  # token embedding
     pos: str | None = "wpe"  # learned position embedding (None: positions come from rotary)
     ln: tuple[str, ...] = ("ln_1", "ln_2")  # the LayerNorms of a block
     qkv: tuple[str, ...] = ("attn.c_attn",)  # one fused q|k|v projection, or q, k, v
     qkv_bias: bool = True
+    # a fused q|k|v output: "blocks" = [Q | K | V] (GPT-2's c_attn), "per_head" = [q_h0 | k_h0 |
+    # v_h0 | q_h1 | ...] each hd wide (NeoX's query_key_value)
+    qkv_layout: str = "blocks"
     out_proj: str = "attn.c_proj"
     out_bias: bool = True
     fc_in: str = "mlp.c_fc"
@@ -100,11 +131,19 @@ class Family:
     conv1d: bool = True  # Conv1D weights [in, out] (x W); False: nn.Linear [out, in] (x W^T)
     block: str = "pre"  # pre | post | parallel
     block_sites: tuple[str, ...] = PRE_LN
+    # config.json booleans that switch the block kind: (key, default); false -> "pre" (NeoX's
+    # use_parallel_residual). Empty: the block kind is fixed
+    block_switch: tuple = ()
     ln_f: bool = True  # a final LayerNorm before the head
     # attention scores: "config" (GPT-2's scale_attn_weights / scale_attn_by_inverse_layer_idx),
     # "inv_sqrt_hd" (always 1/sqrt(hd)), "none" (q k^T unscaled)
     scale: str = "inv_sqrt_hd"
     rotary: str | None = None  # "interleaved": pairs (x0, x1) rotated, first rotary_dim dims
+    # how config.json sizes the rotary part: "rotary_dim" (dims; default rotary_default) or
+    # "partial_rotary_factor" (a fraction of hd: rotary_pct or rope_parameters; with rope_theta /
+    # rotary_emb_base as the base)
+    rotary_config: str = "rotary_dim"
+    rotary_default: float = 64
     windowed: bool = False  # local (windowed) layers where config attention_types says so
     megatron: bool = False  # Megatron numerics: fp32 LayerNorm, Megatron gelu, baddbmm scores
     unused_embedding_rows: bool = False  # the vocabulary is padded beyond the tokenizer
@@ -133,8 +172,31 @@ class Family:
         """Weight names of the token and (if any) position embeddings."""
         return (self.tok + ".weight",) + (() if self.pos is None else (self.pos + ".weight",))
 
+    def sites_for(self, block: str | None = None) -> tuple[str, ...]:
+        """The block sites under a block kind the config chose (None: the family's own)."""
+        return self.block_sites if block in (None, self.block) else sites_of(block, self.ln)
+
+    def hf_name(self, path: str) -> str:
+        """A canonical dotted name (or module path) as HF spells it."""
+        return ".".join(self.hf_names.get(part, part) for part in path.split("."))
+
+    def hf_key(self, name: str) -> str:
+        """The stored key of a canonical weight name (the LM head carries no prefix)."""
+        if name.startswith(self.lm_head + "."):
+            return name
+        return self.key_prefix + self.hf_name(name)
+
+    @property
+    def hf_body(self) -> str:
+        """The attribute of the HF causal LM that holds the transformer body."""
+        return self.key_prefix.rstrip(".")
+
     def canonical_key(self, key: str) -> str:
-        return key.removeprefix(self.key_prefix)
+        key = key.removeprefix(self.key_prefix)
+        if not self.hf_names:
+            return key
+        back = {v: k for k, v in self.hf_names.items()}
+        return ".".join(back.get(part, part) for part in key.split("."))
 
 
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, d_model=768, n_layer=12, n_head=12)
@@ -190,6 +252,30 @@ _ENTRIES = (
         defaults=_GPT2_DEFAULTS,
         activation="gelu_megatron",  # Megatron's gelu unless the config says otherwise
         scale="config", megatron=True, report_pairs=_GPT2_PAIRS,
+    ),
+)
+
+_ENTRIES += (
+    Family(
+        name="gpt_neox", module="gpt_neox", hf_class="GPTNeoXForCausalLM",
+        hf_attn_implementations=("eager", "sdpa"),
+        hf_softmax_fp32=True,  # eager: q k^T in the model dtype, softmax(dtype=float32)
+        config_keys=GPT_NEOX_CONFIG_KEYS,
+        defaults=dict(vocab_size=50432, n_positions=2048, d_model=6144, n_layer=44, n_head=64),
+        activation="gelu",  # hidden_act: the exact erf gelu
+        tie_default=False,
+        key_prefix="gpt_neox.",
+        hf_names={"h": "layers", "ln_f": "final_layer_norm", "ln_1": "input_layernorm",
+                  "ln_2": "post_attention_layernorm"},
+        tok="embed_in", pos=None,
+        qkv=("attention.query_key_value",), qkv_layout="per_head",
+        out_proj="attention.dense", fc_in="mlp.dense_h_to_4h", fc_out="mlp.dense_4h_to_h",
+        lm_head="embed_out",
+        legacy_buffers=("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq"),
+        conv1d=False, block="parallel", block_sites=PARALLEL_2LN,
+        block_switch=("use_parallel_residual", True),
+        rotary="rotate_half", rotary_config="partial_rotary_factor", rotary_default=0.25,
+        unused_embedding_rows=True,  # Pythia: 50277 used of 50304 (20B: 50432)
     ),
 )
 

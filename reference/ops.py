@@ -145,6 +145,31 @@ def apply_rotary(x: np.ndarray, sin: np.ndarray, cos: np.ndarray, rotary_dim: in
     return np.concatenate([rot, rest], axis=-1)
 
 
+# ----------------------------------------------------------------------------- rotary (GPT-NeoX)
+def rotary_half_sin_cos(positions: np.ndarray, rotary_dim: int, base: float = 10000.0):
+    """sin, cos of shape positions.shape + (rotary_dim,) for rotate-half rotary, float64:
+    theta_{p,j} = p * base^(-2j/R), the R/2 frequencies laid out twice, [f0..f_{R/2-1} | f0..]."""
+    inv_freq = 1.0 / (float(base) ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
+    theta = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
+    theta = np.concatenate([theta, theta], axis=-1)
+    return np.sin(theta), np.cos(theta)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[x_0..x_{R/2-1} | x_{R/2}..x_{R-1}] -> [-x_{R/2}..-x_{R-1} | x_0..x_{R/2-1}]."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rotary_half(x: np.ndarray, sin: np.ndarray, cos: np.ndarray, rotary_dim: int):
+    """Rotate-half rotary on the first rotary_dim dims of each head (x_j paired with x_{j+R/2}).
+
+    x: (B, H, T, hd); sin, cos: (B, T, R). Dims R..hd-1 pass through."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    rot = rot * cos[:, None] + rotate_half(rot) * sin[:, None]
+    return np.concatenate([rot, rest], axis=-1)
+
+
 # ----------------------------------------------------------------------------- rounding (floor)
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     """Round float64 values to the nearest value of `dtype` (float16 / bfloat16), ties to even,

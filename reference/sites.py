@@ -13,11 +13,13 @@ def block_output_site(name: str) -> str:
     return family(name).block_output
 
 
-def site_names(name: str, n_layer: int) -> list[str]:
+def site_names(name: str, n_layer: int, block: str | None = None) -> list[str]:
+    """Every site of a model, in order; `block` is the config's block kind (`cfg.block`) where
+    the config may switch it (GPT-NeoX's use_parallel_residual), None for the family's own."""
     fam = family(name)
     names = ["embed"]
     for i in range(n_layer):
-        names += [f"blocks.{i}.{s}" for s in fam.block_sites]
+        names += [f"blocks.{i}.{s}" for s in fam.sites_for(block)]
     if fam.ln_f:
         names.append("ln_f")
     names.append("logits")

@@ -317,6 +317,9 @@ def factory(cls, layer: int):
 
 # ----------------------------------------------------------------------------- the catalogue
 ALL = ("openai-gpt", "gpt2", "gpt_neo", "gptj", "gptmeg")
+# mutants of the shared attention code also run on GPT-NeoX (its conversion mutants are
+# checkpoint-level: tests/test_gpt_neox.py)
+ATTN_ALL = ALL + ("gpt_neox",)
 SCALED = ("openai-gpt", "gpt2", "gptj", "gptmeg")  # families whose scores carry 1/sqrt(hd)
 
 
@@ -376,11 +379,11 @@ CATALOGUE: tuple[Spec, ...] = (
          ("attn.scores",)),
     Spec("neo-scaled", NeoScaled, "GPT-Neo scores scaled by 1/sqrt(head_dim)", ("gpt_neo",),
          ("attn.scores",)),
-    Spec("softmax-wrong-axis", SoftmaxWrongAxis, "softmax over the query axis", ALL,
+    Spec("softmax-wrong-axis", SoftmaxWrongAxis, "softmax over the query axis", ATTN_ALL,
          ("attn.probs",)),
     # the extra visible key is masked in the reference, so scores there are not compared; the
     # probability that leaks into it is
-    Spec("causal-mask-off-by-one", MaskOffByOne, "causal mask lets query i see key i+1", ALL,
+    Spec("causal-mask-off-by-one", MaskOffByOne, "causal mask lets query i see key i+1", ATTN_ALL,
          ("attn.probs",)),
     Spec("window-off-by-one", WindowOffByOne, "GPT-Neo local window one key too wide",
          ("gpt_neo",), ("attn.probs",), layer=local_layer),
@@ -401,7 +404,7 @@ CATALOGUE: tuple[Spec, ...] = (
          ("attn.q",)),
     Spec("lm-head-bias-dropped", LmHeadBiasDropped, "GPT-J LM head without its bias",
          ("gptj",), ("logits",)),
-    Spec("cache-forgets-one", CacheForgets, "KV cache loses its most recent entry", ALL,
+    Spec("cache-forgets-one", CacheForgets, "KV cache loses its most recent entry", ATTN_ALL,
          ("attn.scores",), check="cache"),
 )
 

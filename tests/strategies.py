@@ -34,11 +34,16 @@ FAMILIES = reference.FAMILIES
 # models (width >= 16) could never have a single head.
 HEAD_DIMS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 MIN_WIDTH, MAX_WIDTH = 4, 48
+NEOX_PCTS = (0.25, 0.5, 1.0)
+# GPT-NeoX head dims with an even, non-zero int(hd * rotary_pct) for some drawn pct
+NEOX_HEAD_DIMS = tuple(h for h in HEAD_DIMS if any(int(h * p) >= 2 and int(h * p) % 2 == 0
+                                                    for p in NEOX_PCTS))
 ACTIVATIONS = {
     "openai-gpt": ("gelu", "relu", "silu"),  # OpenAI GPT's "afn" ("gelu" is the tanh form)
     "gpt2": ("gelu_new", "gelu", "gelu_fast", "relu"),
     "gptmeg": ("gelu_megatron", "gelu_new"),
     "gpt_neo": ("gelu_new", "gelu", "silu"),
+    "gpt_neox": ("gelu", "gelu_new", "gelu_fast"),
     "gptj": ("gelu_new", "gelu"),
 }
 
@@ -67,7 +72,8 @@ def configs(draw, family: str | None = None, max_layers: int = 3, min_layers: in
     """
     family = family or draw(families())
     n_layer = draw(st.integers(min_layers, max_layers))
-    hd = draw(st.sampled_from([h for h in HEAD_DIMS if family != "gptj" or h >= 2]))
+    hd = draw(st.sampled_from([h for h in HEAD_DIMS if family != "gptj" or h >= 2]
+                              if family != "gpt_neox" else NEOX_HEAD_DIMS))
     # at least MIN_WIDTH features: LayerNorm over 1 feature is a constant (the model would
     # ignore its input) and over 2 features nearly so. Up to 6 heads, more when min_width
     # needs them (many heads of a small head_dim)
@@ -89,6 +95,15 @@ def configs(draw, family: str | None = None, max_layers: int = 3, min_layers: in
                    activation_function=act, attention_types=[[[k], 1] for k in kinds],
                    # small windows often, so that windows shorter than the sequence are common
                    window_size=draw(st.one_of(st.integers(1, 4), st.integers(1, positions))))
+        return raw
+    if family == "gpt_neox":  # rotary_pct with an even, non-zero int(hd * pct); both residuals
+        pct = draw(st.sampled_from([p for p in NEOX_PCTS
+                                    if int(hd * p) >= 2 and int(hd * p) % 2 == 0]))
+        raw.pop("layer_norm_epsilon")
+        raw.update(hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                   max_position_embeddings=positions, intermediate_size=inner, hidden_act=act,
+                   layer_norm_eps=eps, rotary_pct=pct,
+                   use_parallel_residual=draw(st.booleans()))
         return raw
     raw.update(n_embd=d, n_layer=n_layer, n_head=n_head, n_positions=positions)
     if family == "openai-gpt":

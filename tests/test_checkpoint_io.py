@@ -73,7 +73,12 @@ def legacy_buffers(family: str, cfg) -> dict[str, torch.Tensor]:
     causal = torch.tril(torch.ones(p, p)).view(1, 1, p, p)
     out = {}
     for i in range(cfg.n_layer):
-        if family == "gpt_neo":  # a bool mask buffer: must be ignored, not refused as non-float
+        if family == "gpt_neox":  # old NeoX files: mask buffers and the rotary inv_freq
+            p_ = f"gpt_neox.layers.{i}.attention."
+            out[p_ + "bias"] = causal.bool()
+            out[p_ + "masked_bias"] = torch.tensor(-1e9)
+            out[p_ + "rotary_emb.inv_freq"] = torch.ones(2)
+        elif family == "gpt_neo":  # a bool mask buffer: must be ignored, not refused as non-float
             out[f"transformer.h.{i}.attn.attention.bias"] = causal.bool()
             out[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
         else:

@@ -90,7 +90,16 @@ def test_facts_are_well_formed(name):
     fam = family(name)
     assert fam.block in families.BLOCK_KINDS
     assert fam.block_sites == {"pre": families.PRE_LN, "post": families.POST_LN,
-                               "parallel": families.PARALLEL}[fam.block]
+                               "parallel": families.PARALLEL_2LN if len(fam.ln) == 2
+                               else families.PARALLEL}[fam.block]
+    assert fam.qkv_layout in families.QKV_LAYOUTS
+    assert fam.rotary_config in families.ROTARY_CONFIGS
+    if fam.block_switch:  # (config key, default): false switches to the pre-LN block
+        key, default = fam.block_switch
+        assert isinstance(key, str) and isinstance(default, bool) and len(fam.ln) == 2
+        assert fam.sites_for("pre") == families.PRE_LN
+    for canonical, stored in fam.hf_names.items():  # the renaming round-trips
+        assert fam.canonical_key(fam.hf_key(f"h.0.{canonical}.weight")) == f"h.0.{canonical}.weight"
     assert fam.scale in families.SCALE_RULES and fam.scale in SCALES
     assert fam.rotary in families.ROTARY_STYLES
     assert len(fam.qkv) in (1, 3)
@@ -195,9 +204,10 @@ def test_hf_adapter_taps_cover_the_family(name, tiny_checkpoints):
     assert missing == ({"attn.q"} if family(name).rotary else set()), name
     model, impl = hf_adapter.load(load_checkpoint(tiny_checkpoints[name]), "float32")
     assert impl == "eager"
+    _body, layers = hf_adapter.blocks_of(model, family(name))
     for kind, (path, _how) in taps.items():
         if path:
-            model.transformer.h[0].get_submodule(path)  # the module exists in transformers
+            layers[0].get_submodule(path)  # the module exists in transformers
 
 
 # ----------------------------------------------------------------------------- no name branches

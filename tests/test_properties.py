@@ -67,8 +67,9 @@ def save(tmp_path_factory):
     def write(raw: dict, weights: dict):
         out = root / f"m{next(count)}"
         out.mkdir()
-        tensors = {(k if k.startswith("lm_head") else "transformer." + k):
-                   torch.from_numpy(np.asarray(v)).to(torch.float32) for k, v in weights.items()}
+        fam = reference.family(raw["model_type"])
+        tensors = {fam.hf_key(k): torch.from_numpy(np.asarray(v)).to(torch.float32)
+                   for k, v in weights.items()}
         save_file(tensors, str(out / "model.safetensors"))
         (out / "config.json").write_text(json.dumps(raw))
         return load_checkpoint(out)
@@ -123,8 +124,8 @@ def test_verdict_grade_models_span_one_to_sixteen_heads(family):
     heads = lambda raw: reference.parse_config(raw).n_head  # noqa: E731
     one = find(verdict_configs(family=family), lambda raw: heads(raw) == 1)
     assert reference.parse_config(one).d_model >= VERDICT_MIN_WIDTH
-    # GPT-J's rotary needs head dims >= 2: at most 8 heads (of 2) there
-    most = 8 if family == "gptj" else 16
+    # rotary (GPT-J, GPT-NeoX) needs head dims >= 2: at most 8 heads (of 2) there
+    most = 8 if reference.family(family).rotary else 16  # GPT-J, GPT-NeoX
     assert heads(find(verdict_configs(family=family), lambda raw: heads(raw) >= most)) == most
 
 

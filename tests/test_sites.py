@@ -55,12 +55,26 @@ PARALLEL_2 = [  # GPT-J: one LN feeds both branches; resid_post = attn + mlp + h
     "blocks.1.mlp.fc_in", "blocks.1.mlp.act", "blocks.1.mlp.out", "blocks.1.resid_post",
     "ln_f", "logits",
 ]
+PARALLEL_TWO_LN_2 = [  # GPT-NeoX: ln_1 feeds attention, ln_2 (of the same h) the MLP;
+    # resid_post = mlp + attn + h; no resid_mid (both LNs read the block input)
+    "embed",
+    "blocks.0.ln_1", "blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v",
+    "blocks.0.attn.scores", "blocks.0.attn.probs", "blocks.0.attn.context", "blocks.0.attn.out",
+    "blocks.0.ln_2", "blocks.0.mlp.fc_in", "blocks.0.mlp.act", "blocks.0.mlp.out",
+    "blocks.0.resid_post",
+    "blocks.1.ln_1", "blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v",
+    "blocks.1.attn.scores", "blocks.1.attn.probs", "blocks.1.attn.context", "blocks.1.attn.out",
+    "blocks.1.ln_2", "blocks.1.mlp.fc_in", "blocks.1.mlp.act", "blocks.1.mlp.out",
+    "blocks.1.resid_post",
+    "ln_f", "logits",
+]
 EXPECTED_2_LAYERS = {
     "openai-gpt": POST_LN_2,
     "gpt2": PRE_LN_2,
     "gptmeg": PRE_LN_2,
     "gpt_neo": PRE_LN_2,
     "gptj": PARALLEL_2,
+    "gpt_neox": PARALLEL_TWO_LN_2,
 }
 
 # 2-layer configs: 3 heads of width 8, inner 40, vocab 50 (shapes below are checked against them)
@@ -77,6 +91,9 @@ CONFIGS = {
                     attention_types=[[["global", "local"], 1]], window_size=2),
     "gptj": dict(model_type="gptj", vocab_size=V, n_positions=16, n_embd=D, n_layer=2,
                  n_head=H, n_inner=F, rotary_dim=4),
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=V, max_position_embeddings=16,
+                     hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                     intermediate_size=F, rotary_pct=0.5),
 }
 NON_FAMILY_MODULES = {"config", "dtypes", "families", "model", "ops", "sites", "trace",  # shared machinery
                       "tokenizers", "tokenizer_unicode"}  # the tokenizer reference
@@ -103,6 +120,17 @@ def _batch(seed=1, b=2, t=5):
 @pytest.mark.parametrize("family", reference.FAMILIES)
 def test_site_names_pinned(family):
     assert site_names(family, 2) == EXPECTED_2_LAYERS[family]
+
+
+def test_neox_sequential_residual_uses_the_pre_ln_list():
+    """use_parallel_residual false: GPT-NeoX's block is GPT-2's pre-LN block, and so are its sites."""
+    raw = dict(CONFIGS["gpt_neox"], use_parallel_residual=False)
+    cfg = reference.parse_config(raw)
+    assert site_names("gpt_neox", 2, cfg.block) == PRE_LN_2
+    rng = np.random.default_rng(0)
+    w = {k: rng.normal(size=s) * 0.3 for k, s in reference.param_shapes(cfg).items()}
+    ids, mask = _batch()
+    assert list(reference.forward(cfg, w, ids, mask).sites) == PRE_LN_2
 
 
 @pytest.mark.parametrize("family", reference.FAMILIES)
