@@ -80,7 +80,7 @@ def device(request):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """The embedded tiny checkpoint of every family, made once per session: family -> path."""
-    from parity.recipes import make_checkpoint
+    from parity.checkpoints.recipes import make_checkpoint
     import reference
 
     root = tmp_path_factory.mktemp("tiny")

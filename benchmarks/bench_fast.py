@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parity.checkpoint import load_checkpoint  # noqa: E402
-from parity.fast import FastModel  # noqa: E402
-from parity.inputs import Inputs  # noqa: E402
-from parity.recipes import make_checkpoint  # noqa: E402
+from parity.checkpoints.checkpoint import load_checkpoint  # noqa: E402
+from parity.subjects.fast import FastModel  # noqa: E402
+from parity.checkpoints.inputs import Inputs  # noqa: E402
+from parity.checkpoints.recipes import make_checkpoint  # noqa: E402
 
 SEQ, LAYERS = 128, 4
 
@@ -71,7 +71,7 @@ def bench(configs: dict, inp: Inputs, repeats: int) -> dict:
 
 def emulation_vs_cuda(ckpt, inp) -> dict:
     """Lockstep, per site: share of elements within 1 fp16 ulp of the CUDA kernels' value."""
-    from parity.metrics import ulp_distance
+    from parity.engine.metrics import ulp_distance
 
     emu = FastModel(ckpt, "hf", "float16", "cpu")
     cu = FastModel(ckpt, "hf", "float16", "cuda")

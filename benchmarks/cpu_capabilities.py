@@ -91,14 +91,14 @@ def model_figures() -> dict:
 
     import reference
     from benchmarks.hf_adapter_agreement import fast_variant, padded_inputs, per_site
-    from parity import fast, hf_adapter
-    from parity.budgets import tolerance
-    from parity.checkpoint import load_checkpoint
-    from parity.compare import block_inputs, forward_local, token_rows
+    from parity.subjects import fast, hf_adapter
+    from parity.engine.budgets import tolerance
+    from parity.checkpoints.checkpoint import load_checkpoint
+    from parity.engine.compare import block_inputs, forward_local, token_rows
     from tests.test_fast import lockstep  # two FastModels fed one stream, block by block
-    from parity.inputs import default_batch
-    from parity.metrics import ulp_distance, valid_mask
-    from parity.recipes import make_checkpoint
+    from parity.checkpoints.inputs import default_batch
+    from parity.engine.metrics import ulp_distance, valid_mask
+    from parity.checkpoints.recipes import make_checkpoint
 
     root = Path(tempfile.mkdtemp())
     out: dict = {"hf_local": {}, "native_bitwise": {}, "lockstep": {}}
@@ -144,7 +144,7 @@ def model_figures() -> dict:
 
 
 def golden_figures() -> dict:
-    from parity import goldens
+    from parity.goldens import store as goldens
 
     results = goldens.check(goldens.DEFAULT_DIR)
     counts: dict = {}

@@ -1,10 +1,10 @@
 """Gate verdict stability (issue 11): does the gate's verdict depend on the batch it drew?
 
 For each family's `tiny` and `stress` checkpoint (made here with `parity checkpoint make`), and
-each dtype (fp16, bf16), the gate's subject check (parity.lockstep.lockstep, the fast `hf`
+each dtype (fp16, bf16), the gate's subject check (parity.engine.lockstep.lockstep, the fast `hf`
 preset, CPU emulation) runs on N seeds of
-  old   parity.inputs.default_batch(cfg, 16, seed)      (the gate's batch before issue 11)
-  new   parity.inputs.gate_batch(cfg, seed)             (the gate's batch: 4 varied rows)
+  old   parity.checkpoints.inputs.default_batch(cfg, 16, seed)      (the gate's batch before issue 11)
+  new   parity.checkpoints.inputs.gate_batch(cfg, seed)             (the gate's batch: 4 varied rows)
 and prints per (family, preset, variant, dtype, batch) the verdict of every seed, the number of
 flips (seeds whose verdict differs from the majority) and the worst floor ratio range.
 
@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reference  # noqa: E402
-from parity.checkpoint import open_checkpoint  # noqa: E402
-from parity.compare import overall  # noqa: E402
-from parity.fast import FastModel  # noqa: E402
-from parity.inputs import default_batch, gate_batch  # noqa: E402
-from parity.lockstep import lockstep  # noqa: E402
-from parity.recipes import make_checkpoint  # noqa: E402
+from parity.checkpoints.checkpoint import open_checkpoint  # noqa: E402
+from parity.engine.compare import overall  # noqa: E402
+from parity.subjects.fast import FastModel  # noqa: E402
+from parity.checkpoints.inputs import default_batch, gate_batch  # noqa: E402
+from parity.engine.lockstep import lockstep  # noqa: E402
+from parity.checkpoints.recipes import make_checkpoint  # noqa: E402
 
 FAMILIES = reference.FAMILIES
 SHORT = {"pass": "P", "warn": "W", "fail": "F", "overflow": "O", "unmeasured": "U"}

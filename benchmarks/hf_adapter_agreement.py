@@ -3,7 +3,7 @@
     python benchmarks/hf_adapter_agreement.py            # markdown tables on stdout
 
 On the embedded tiny checkpoint of every family (2 rows, 12 tokens, the second left-padded by 5,
-explicit position ids), transformers runs on the CPU through `parity.hf_adapter` (eager), and
+explicit position ids), transformers runs on the CPU through `parity.subjects.hf_adapter` (eager), and
 the fast path runs
   - in float32,
   - in fp16 / bf16 with the CPU emulation of CUDA half precision (the default on a CPU), both
@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reference  # noqa: E402
-from parity import fast, hf_adapter  # noqa: E402
-from parity.checkpoint import load_checkpoint  # noqa: E402
-from parity.compare import block_inputs, forward_local  # noqa: E402
-from parity.inputs import Inputs  # noqa: E402
-from parity.metrics import ulp_distance, valid_mask  # noqa: E402
-from parity.recipes import make_checkpoint  # noqa: E402
+from parity.subjects import fast
+from parity.subjects import hf_adapter  # noqa: E402
+from parity.checkpoints.checkpoint import load_checkpoint  # noqa: E402
+from parity.engine.compare import block_inputs, forward_local  # noqa: E402
+from parity.checkpoints.inputs import Inputs  # noqa: E402
+from parity.engine.metrics import ulp_distance, valid_mask  # noqa: E402
+from parity.checkpoints.recipes import make_checkpoint  # noqa: E402
 
 
 def padded_inputs(cfg, t: int = 12, seed: int = 0) -> Inputs:

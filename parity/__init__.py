@@ -1,4 +1,8 @@
-"""gpt-parity engine: checkpoint IO, subjects, comparison, goldens, gate, reports, CLI.
+"""gpt-parity: does this checkpoint, run the fast way, still compute the same function?
+
+Folders by role: `checkpoints/` (what goes in), `subjects/` (the implementations under test),
+`engine/` (metrics, budgets, verdicts, comparison), `goldens/`, `reports/`, `commands/` (gate,
+search, detection); `cli.py` defines every command's arguments.
 
 From a notebook:
 
@@ -11,7 +15,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # `parity.compare` without importing torch at `import parity`
     if name == "compare":
-        import importlib
+        from parity.engine.compare import run
 
-        return importlib.import_module(".compare", __name__)
+        return run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

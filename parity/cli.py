@@ -10,8 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .devices import resolve_device
-from .errors import ParityError
+from parity.devices import resolve_device
+from parity.errors import ParityError
 
 EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
 
@@ -149,10 +149,10 @@ def _add_search(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_trace(a) -> int:
-    from . import subjects
-    from .checkpoint import load_checkpoint
-    from .golden_io import write_golden
-    from .inputs import load_inputs, parse_tokens, tokenize, validate_inputs
+    from parity import subjects
+    from parity.checkpoints.checkpoint import load_checkpoint
+    from parity.goldens.io import write_golden
+    from parity.checkpoints.inputs import load_inputs, parse_tokens, tokenize, validate_inputs
 
     ckpt = load_checkpoint(a.checkpoint, check_values=False)
     if a.tokens is not None:
@@ -185,9 +185,9 @@ def cmd_trace(a) -> int:
 def cmd_report(a) -> int:
     from rich.console import Console
 
-    from .report import terminal_summary, write_report
-    from .run_report import exit_code, run_report
-    from .subjects import normalize_dtype
+    from parity.reports.render import terminal_summary, write_report
+    from parity.reports.run import exit_code, run_report
+    from parity.subjects import normalize_dtype
 
     console = Console(stderr=False)
     device = resolve_device(a.device)
@@ -219,7 +219,7 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_gate(a) -> int:
-    from .subjects import normalize_dtype
+    from parity.subjects import normalize_dtype
 
     out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
     _check_writable(out)
@@ -230,7 +230,7 @@ def cmd_gate(a) -> int:
         return _gate(a, out, device, normalize_dtype(a.dtype))
     except BaseException as e:
         # every exit path leaves files that say what happened: never an earlier run's PASS
-        from .gate import write_error_artifacts
+        from parity.commands.gate import write_error_artifacts
 
         write_error_artifacts(out, a.junit, f"error: {_one_line(e)}" if isinstance(
             e, ParityError) else f"error: internal error: {type(e).__name__}: {_one_line(e)}")
@@ -241,15 +241,15 @@ def _gate(a, out: Path, device: str, dtype: str) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .gate import run_gate, write_junit
-    from .report import write_report
+    from parity.commands.gate import run_gate, write_junit
+    from parity.reports.render import write_report
 
     console = Console()
     with console.status("parity gate: starting") as status:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
                           progress=lambda msg: status.update(f"parity gate: {msg}"))
-    from .run_report import environment
+    from parity.reports.run import environment
 
     run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict,
            "verdict_line": result.verdict_line, "not_checked": result.unchecked,
@@ -274,13 +274,13 @@ def _gate(a, out: Path, device: str, dtype: str) -> int:
 
 
 def _empty_divergence():
-    from .compare import to_frame
+    from parity.engine.compare import to_frame
 
     return to_frame([])
 
 
 def cmd_checkpoint(a) -> int:
-    from .recipes import make_checkpoint
+    from parity.checkpoints.recipes import make_checkpoint
 
     if a.checkpoint_command != "make":
         raise ParityError("parity checkpoint: expected 'make'")
@@ -297,25 +297,25 @@ def _now() -> str:
 
 
 def cmd_golden(a) -> int:
-    from .goldens import cmd_golden as run
+    from parity.goldens.store import cmd_golden as run
 
     return run(a)
 
 
 def cmd_search(a) -> int:
-    from .search import cmd_search as run
+    from parity.commands.search import cmd_search as run
 
     return run(a)
 
 
 def cmd_detection(a) -> int:
-    from .detection import cmd_detection as run
+    from parity.commands.detection import cmd_detection as run
 
     return run(a)
 
 
 def cmd_tokenizer(a) -> int:
-    from .tokenizer_check import cmd_tokenizer as run
+    from parity.checkpoints.tokenizer_check import cmd_tokenizer as run
 
     return run(a)
 

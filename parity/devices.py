@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reference import dtypes
 
-from .errors import ParityError
+from parity.errors import ParityError
 
 
 def normalize_dtype(dtype: str) -> str:

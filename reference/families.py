@@ -7,7 +7,7 @@
 Facts only: the per-family math lives in the family's reference module (`reference/<module>.py`);
 the fast path, the transformers adapter, checkpoint IO, recipes and reports read the facts here
 and branch on them (`fam.block == "post"`, `fam.rotary`), never on a family's name. A new family
-is one reference module, one entry below and its recipe presets (`parity/recipes.py`).
+is one reference module, one entry below and its recipe presets (`parity/checkpoints/recipes.py`).
 
 Names are the checkpoint's keys without the `key_prefix` and without `h.{i}.` inside a block
 (so `attn.c_attn` is the weight `transformer.h.3.attn.c_attn.weight`). Pure Python: imports

@@ -10,7 +10,7 @@ encoded since), and the `unicode_categories` crate behind BertNormalizer and
 BertPreTokenizer is frozen at an older one (marks, punctuation and format characters
 encoded since are not marks, punctuation or controls to it). Each table below lists
 the code points where Python's unicodedata gives another answer, as read from
-`tokenizers` by `parity.tokenizer_check.probe_unicode_pins`; tests check every code
+`tokenizers` by `parity.checkpoints.tokenizer_check.probe_unicode_pins`; tests check every code
 point against the library, so a new `tokenizers` release that moves its Unicode data
 fails loudly instead of drifting.
 """

@@ -4,7 +4,7 @@ A comparison must flag every one of them and pin the first divergence (in `local
 planted layer, at a site of the planted op. Each mutant is a `FastModel` subclass that changes
 exactly one thing in layer `layer` (or in the head, for the LM-head bug) and defers to the
 healthy code everywhere else; `factory` turns one into the `model_factory` that
-`parity.compare.compare` and the checks of `parity.consistency` accept.
+`parity.engine.compare.compare` and the checks of `parity.engine.consistency` accept.
 
 The bugs are the ones people make when porting these models. `CATALOGUE` (bottom of the file)
 lists them as data: which families each applies to, which layer it is planted in, where local
@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from parity.fast import FastModel, _rotate_every_two
+from parity.subjects.fast import FastModel, _rotate_every_two
 
 
 class Mutant(FastModel):
@@ -338,7 +338,7 @@ def local_layer(cfg) -> int:
 class Spec:
     """One catalogue entry.
 
-    check: the check expected to catch it (parity.consistency / parity.detection): `layers`
+    check: the check expected to catch it (parity.engine.consistency / parity.commands.detection): `layers`
     (a layer-by-layer comparison on the tiny checkpoint), `cache` (decoding with the KV cache
     against the full forward) or `stress` (the comparison on the stress checkpoint, where
     magnitudes are real-sized: a missing upcast is harmless until the values need the range

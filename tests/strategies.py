@@ -24,7 +24,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import reference
-from parity.recipes import init_tensor
+from parity.checkpoints.recipes import init_tensor
 from reference.config import ModelConfig
 
 FAMILIES = reference.FAMILIES
@@ -221,12 +221,12 @@ def recipe_seeds(shard: int = 0, shards: int = 1) -> st.SearchStrategy[int]:
 
 
 def scales(max_log2: int = 8) -> st.SearchStrategy[dict]:
-    """Power-of-two scales of the weight groups of `parity.search.SCALE_GROUPS` (embeddings:
+    """Power-of-two scales of the weight groups of `parity.commands.search.SCALE_GROUPS` (embeddings:
     the residual stream; q/k projections: the scores, squared; first MLP projection: the
     pre-activations), each 2^k with k in [0, max_log2]. A power of two is exact in every float
     dtype, so scaling moves magnitudes toward the dtype's limits without rounding anything.
     Shrinks toward no scaling."""
-    from parity.search import SCALE_GROUPS
+    from parity.commands.search import SCALE_GROUPS
 
     k = st.integers(0, max_log2)
     return st.fixed_dictionaries({g: k.map(lambda e: 2**e) for g in SCALE_GROUPS})
@@ -309,11 +309,11 @@ def vocab_texts(alphabet: str, max_size: int = 40) -> st.SearchStrategy[str]:
 
 # ------------------------------------------------------------------------------- subjects
 def subject_specs(min_size: int = 1, max_size: int = 3):
-    """Distinct fast-path subjects: every preset of `parity.knobs.PRESETS` in fp16 and bf16
+    """Distinct fast-path subjects: every preset of `parity.subjects.knobs.PRESETS` in fp16 and bf16
     (`fp32` runs in float32 whatever is asked, so it is one subject). Properties that cannot
     afford all of them per example draw a few; over the examples every one is drawn."""
-    from parity.compare import Subject
-    from parity.knobs import PRESETS
+    from parity.engine.compare import Subject
+    from parity.subjects.knobs import PRESETS
 
     specs = [Subject(p, d) for p in PRESETS if p != "fp32" for d in ("float16", "bfloat16")]
     specs.append(Subject("fp32", "float32"))

@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 
 import parity
-from parity.checkpoint import load_checkpoint
-from parity.compare import COLUMNS, Subject, compare
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import COLUMNS, Subject, compare
 from parity.errors import ParityError
-from parity.inputs import default_batch
+from parity.checkpoints.inputs import default_batch
 
 
 def test_parity_compare_is_the_long_frame(tiny_checkpoints):

@@ -1,11 +1,11 @@
-"""`parity/attribution.py`: which knob causes a divergence, and where two recipes part ways.
+"""`parity/engine/attribution.py`: which knob causes a divergence, and where two recipes part ways.
 
 On the stress checkpoints the knobs bite: flipping the one that matters removes the error (the
 overflow), flipping one that does not leaves the logit error where it was. On the tiny GPT-2
 the `meg` and `hf` recipes differ in three precision knobs, and only the gelu moves a single
 bit: the score scale of a 16-wide head is 1/4, a power of two, so scaling inside the GEMM
 (baddbmm) or after it (matmul) rounds the same; and a half-precision LayerNorm computes in fp32
-and rounds once whether or not the model upcasts around it (parity/EMULATION.md, LayerNorm).
+and rounds once whether or not the model upcasts around it (parity/subjects/EMULATION.md, LayerNorm).
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import reference
-from parity import budgets as B
-from parity.attribution import ATTR_COLUMNS, PRECISE, knob_attribution, pair_divergence
-from parity.checkpoint import load_checkpoint
-from parity.compare import Subject, compare, first_divergent, overall
-from parity.inputs import default_batch
-from parity.knobs import parse_variant
-from parity.recipes import make_checkpoint
+from parity.engine import budgets as B
+from parity.engine.attribution import ATTR_COLUMNS, PRECISE, knob_attribution, pair_divergence
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import Subject, compare, first_divergent, overall
+from parity.checkpoints.inputs import default_batch
+from parity.subjects.knobs import parse_variant
+from parity.checkpoints.recipes import make_checkpoint
 
 IRRELEVANT = "attribution_irrelevant_share"
 

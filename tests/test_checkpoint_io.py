@@ -1,4 +1,4 @@
-"""Checkpoint IO (parity/checkpoint.py): every accepted layout gives the same weights, every bad
+"""Checkpoint IO (parity/checkpoints/checkpoint.py): every accepted layout gives the same weights, every bad
 input is refused with a message that names the file and the problem, and pickled code never runs.
 
 Each case starts from the session's tiny checkpoint of a family, rewrites its tensors into
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reference
-from parity.checkpoint import load_checkpoint, open_checkpoint
+from parity.checkpoints.checkpoint import load_checkpoint, open_checkpoint
 from parity.errors import CheckpointError, ParityError
 
 TIED = [f for f in reference.FAMILIES if reference.family(f).tie_default]  # GPT-J's is untied

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 import reference
 from parity import cli
-from parity.checkpoint import load_checkpoint
-from parity.golden_io import FORMAT, read_golden
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.goldens.io import FORMAT, read_golden
 
 FAMILIES = reference.FAMILIES
 TOKENS = "0 5 511 17 3; 511 0 2 44 9"  # edge ids 0 and V-1 of the tiny vocab (512)

@@ -1,4 +1,4 @@
-"""`parity/compare.py` and the verdict budgets: no false alarms on healthy presets, every
+"""`parity/engine/compare.py` and the verdict budgets: no false alarms on healthy presets, every
 planted bug flagged at its layer, the stress checkpoints' known findings, the budgets schema, and
 the shape of the comparison frame.
 
@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 
 import reference
-from parity import budgets as B
-from parity.checkpoint import load_checkpoint
-from parity.compare import (COLUMNS, MODES, Subject, compare, first_divergent, overall,
+from parity.engine import budgets as B
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import (COLUMNS, MODES, Subject, compare, first_divergent, overall,
                             verdict)
 from parity.errors import ParityError
-from parity.inputs import default_batch
-from parity.recipes import make_checkpoint
+from parity.checkpoints.inputs import default_batch
+from parity.checkpoints.recipes import make_checkpoint
 from reference.sites import site_names
 
 from tests import mutants as Mu

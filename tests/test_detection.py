@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 
 import reference
-from parity import consistency as C
-from parity import detection as D
-from parity.checkpoint import load_checkpoint
-from parity.compare import Subject
-from parity.inputs import default_batch
-from parity.recipes import make_checkpoint
+from parity.engine import consistency as C
+from parity.commands import detection as D
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import Subject
+from parity.checkpoints.inputs import default_batch
+from parity.checkpoints.recipes import make_checkpoint
 
 from tests import mutants as Mu
 

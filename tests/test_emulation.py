@@ -1,6 +1,6 @@
-"""CPU emulation of CUDA half precision, op by op (parity/EMULATION.md).
+"""CPU emulation of CUDA half precision, op by op (parity/subjects/EMULATION.md).
 
-Each test computes the op with `parity.fast.Numerics(emulate=True)` and, independently, in
+Each test computes the op with `parity.subjects.fast.Numerics(emulate=True)` and, independently, in
 float64 NumPy rounded with `reference.ops.round_to` at exactly the points EMULATION.md documents
 (an fp32 "opmath" result is `round_to(., "float32")`, a half store is `round_to(., dtype)`).
 The two must agree bitwise.
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from parity.budgets import tolerance
-from parity.fast import (MEGATRON_SQRT_2_OVER_PI, SQRT_2_OVER_PI, Numerics,
+from parity.engine.budgets import tolerance
+from parity.subjects.fast import (MEGATRON_SQRT_2_OVER_PI, SQRT_2_OVER_PI, Numerics,
                          megatron_gelu_form)
 from reference.ops import round_to
 
@@ -210,7 +210,7 @@ def test_one_kernel_gelus_round_once(dt, form):
 
 def test_megatron_form_in_fp32_matches_scripted_function_on_cpu():
     """The emulated jit gelu and the scripted function are the same fp32 expression."""
-    from parity.fast import scripted_gelu
+    from parity.subjects.fast import scripted_gelu
 
     x = torch.linspace(-8, 8, 4001)
     for meg in (True, False):
@@ -247,7 +247,7 @@ def test_layernorm_knob_paths(dt, monkeypatch):
     upcasts x, gamma and beta first, giving the emulation's values bitwise."""
     import torch.nn.functional as F
 
-    from parity import fast
+    from parity.subjects import fast
 
     seen, real = [], F.layer_norm
     monkeypatch.setattr(fast.F, "layer_norm",

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import reference
-from parity import knobs, recipes
-from parity.checkpoint import load_checkpoint
+from parity.subjects import knobs
+from parity.checkpoints import recipes
+from parity.checkpoints.checkpoint import load_checkpoint
 from parity.errors import ParityError
-from parity.fast import SCALES, FastModel
+from parity.subjects.fast import SCALES, FastModel
 from reference import families
 from reference.families import FAMILIES, REGISTRY, Family, UnknownFamily, family
 from reference.ops import ACTIVATIONS
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = {"pos", "rotary", "hf_stand_in"}
 # per-family tables allowed outside the registry: the recipe presets (a new family = a reference
 # module + a registry entry + its recipe)
-TABLES_ALLOWED = {"parity/recipes.py"}
+TABLES_ALLOWED = {"parity/checkpoints/recipes.py"}
 
 
 def _tiny_cfg(name):
@@ -196,7 +197,7 @@ def test_fast_path_and_knob_presets_build(name, tiny_checkpoints):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_hf_adapter_taps_cover_the_family(name, tiny_checkpoints):
     pytest.importorskip("transformers")
-    from parity import hf_adapter
+    from parity.subjects import hf_adapter
 
     taps = hf_adapter.taps(family(name))
     missing = set(family(name).block_sites) - set(taps)
@@ -238,7 +239,7 @@ def _family_name_uses(path: Path, rel: str | None = None) -> list[str]:
 def _sources():
     per_family = {family(f).module + ".py" for f in FAMILIES} | {"families.py"}
     for folder in ("parity", "reference"):
-        for p in sorted((ROOT / folder).glob("*.py")):
+        for p in sorted((ROOT / folder).rglob("*.py")):
             if folder == "reference" and p.name in per_family:
                 continue
             yield p

@@ -1,4 +1,4 @@
-"""The fast path (`parity/fast.py`, `parity/knobs.py`): against the float64 reference, and knob
+"""The fast path (`parity/subjects/fast.py`, `parity/subjects/knobs.py`): against the float64 reference, and knob
 against knob where MODEL_NOTES.md says what must (and must not) change."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import reference
-from parity import fast
-from parity.budgets import cpu_tolerance, tolerance
-from parity.checkpoint import load_checkpoint
+from parity.subjects import fast
+from parity.engine.budgets import cpu_tolerance, tolerance
+from parity.checkpoints.checkpoint import load_checkpoint
 from parity.errors import ParityError
-from parity.inputs import Inputs, default_batch
-from parity.knobs import PRESETS, Knobs, parse_knobs, parse_variant, resolve
+from parity.checkpoints.inputs import Inputs, default_batch
+from parity.subjects.knobs import PRESETS, Knobs, parse_knobs, parse_variant, resolve
 from reference.ops import round_to
 
 FAMILIES = reference.FAMILIES
@@ -106,7 +106,7 @@ def lockstep(ck, variant, dtype, a: dict, b: dict, inp):
 
 def ulp_share(a, b, dtype, m, ulps) -> float:
     """Share of the valid elements within `ulps` steps of `dtype` (both hold dtype values)."""
-    from parity.metrics import ulp_distance
+    from parity.engine.metrics import ulp_distance
 
     return float(np.mean(ulp_distance(a[m], b[m], dtype) <= ulps))
 
@@ -197,10 +197,10 @@ def test_meg_differs_from_hf_first_at_the_gelu(ckpts, family):
 
 
 def _write_checkpoint(path, raw: dict):
-    """A checkpoint with an arbitrary config (random weights by parity.recipes.init_tensor)."""
+    """A checkpoint with an arbitrary config (random weights by parity.checkpoints.recipes.init_tensor)."""
     from safetensors.torch import save_file
 
-    from parity.recipes import init_tensor
+    from parity.checkpoints.recipes import init_tensor
 
     cfg = reference.parse_config(raw)
     path.mkdir(parents=True, exist_ok=True)
@@ -360,7 +360,7 @@ def test_meg_parallel_scores_carry_the_layer_number_scaling_in_fp32(ckpts):
 # ----------------------------------------------------------------------------- CLI
 def test_parity_trace_fast_meg_fp16(tiny_checkpoints, tmp_path):
     from parity.cli import main
-    from parity.golden_io import read_golden
+    from parity.goldens.io import read_golden
 
     out = tmp_path / "x.safetensors"
     rc = main(["trace", str(tiny_checkpoints["gpt2"]), "--impl", "fast", "--variant", "meg",

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import reference
-from parity.compare import Subject, compare, overall
-from parity.fast import FastModel
-from parity.inputs import default_batch
-from parity.lockstep import lockstep
+from parity.engine.compare import Subject, compare, overall
+from parity.subjects.fast import FastModel
+from parity.checkpoints.inputs import default_batch
+from parity.engine.lockstep import lockstep
 from reference import ops
 from tests import mutants as Mu
 
@@ -39,7 +39,7 @@ def _not_passing(df):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_healthy_fp32_subject_passes_the_gate_comparison(tiny_checkpoints, family, variant,
                                                          dtype):
-    from parity.checkpoint import open_checkpoint
+    from parity.checkpoints.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(tiny_checkpoints[family])
     inputs = default_batch(ckpt.config, 16, seed=0)
@@ -52,7 +52,7 @@ def test_healthy_fp32_subject_passes_the_gate_comparison(tiny_checkpoints, famil
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_healthy_fp32_subject_passes_compare(tiny_checkpoints, family):
-    from parity.checkpoint import open_checkpoint
+    from parity.checkpoints.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(tiny_checkpoints[family])
     inputs = default_batch(ckpt.config, 16, seed=0)
@@ -64,7 +64,7 @@ def test_healthy_fp32_subject_passes_compare(tiny_checkpoints, family):
 @pytest.mark.parametrize("name,family", [("scale-twice", "gpt2"), ("gelu-constant", "gptj"),
                                          ("window-off-by-one", "gpt_neo")])
 def test_a_planted_bug_still_fails_in_fp32(tiny_checkpoints, name, family):
-    from parity.checkpoint import open_checkpoint
+    from parity.checkpoints.checkpoint import open_checkpoint
 
     spec = Mu.BY_NAME[name]
     ckpt = open_checkpoint(tiny_checkpoints[family])

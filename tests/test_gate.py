@@ -7,7 +7,7 @@ the report names the site; NaN weights are a failing verdict, not an error; ever
 `error: ...` line and never a report that says PASS; a golden made on the right weights passes
 and the same golden against a converted-wrong checkpoint fails, naming the golden; the
 vocabulary check recognises GPT-J's <|extratoken_N|> padding rows; with --impl fast the
-bounded-memory lockstep gives exactly the figures of parity.compare.compare.
+bounded-memory lockstep gives exactly the figures of parity.engine.compare.compare.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 
 import reference
 from parity import cli
-from parity.budgets import DEFAULT_FILE, tolerance
-from parity.checkpoint import open_checkpoint
-from parity.compare import Subject, compare
-from parity.gate import load_prompts, run_gate
-from parity.inputs import gate_batch
-from parity.recipes import make_checkpoint
+from parity.engine.budgets import DEFAULT_FILE, tolerance
+from parity.checkpoints.checkpoint import open_checkpoint
+from parity.engine.compare import Subject, compare
+from parity.commands.gate import load_prompts, run_gate
+from parity.checkpoints.inputs import gate_batch
+from parity.checkpoints.recipes import make_checkpoint
 
 REPORT_FILES = ("summary.md", "index.html", "divergence.csv", "run.json")
 FAMILIES = reference.FAMILIES

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 import reference
-from parity import budgets as B
-from parity import metrics as M
-from parity.checkpoint import open_checkpoint
-from parity.compare import overall
-from parity.fast import FastModel
-from parity.inputs import default_batch, gate_batch, validate_inputs
-from parity.lockstep import lockstep
-from parity.recipes import make_checkpoint
+from parity.engine import budgets as B
+from parity.engine import metrics as M
+from parity.checkpoints.checkpoint import open_checkpoint
+from parity.engine.compare import overall
+from parity.subjects.fast import FastModel
+from parity.checkpoints.inputs import default_batch, gate_batch, validate_inputs
+from parity.engine.lockstep import lockstep
+from parity.checkpoints.recipes import make_checkpoint
 
 SEEDS = (0, 1, 2)
 OLD_LOTTERY_SEEDS = (0, 3, 8)  # seeds of the old 2 x 16 batch whose verdict differed (meg, hf)

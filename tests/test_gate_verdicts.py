@@ -16,12 +16,12 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 
 import reference
-from parity import budgets as B
+from parity.engine import budgets as B
 from parity import cli
-from parity.checkpoint import load_checkpoint, open_checkpoint
-from parity.compare import Subject, compare, make_records, verdict
+from parity.checkpoints.checkpoint import load_checkpoint, open_checkpoint
+from parity.engine.compare import Subject, compare, make_records, verdict
 from parity.errors import StructureError
-from parity.inputs import default_batch
+from parity.checkpoints.inputs import default_batch
 from tests.test_gate import REPORT_FILES, checks, copy_ckpt, gate, rewrite_weights
 
 TOKENS = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], np.int64)
@@ -176,8 +176,8 @@ def test_determinism_reruns_the_subject_that_was_judged(tiny_checkpoints, tmp_pa
 
 # ----------------------------------------------------------------------------- golden summary
 def test_the_gates_golden_row_fails_when_nothing_was_compared(tiny_checkpoints, monkeypatch):
-    from parity import gate as G
-    from parity import goldens
+    from parity.commands import gate as G
+    from parity.goldens import store as goldens
 
     rows = [{"site": "blocks.9.resid_post", "status": "skip", "reason": "not a site",
              "rel": math.nan, "tolerance_name": "golden_float64", "tolerance": 1e-12}]

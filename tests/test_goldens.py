@@ -1,4 +1,4 @@
-"""Golden activation files (parity/goldens.py): update, check, manifest, foreign goldens.
+"""Golden activation files (parity/goldens/store.py): update, check, manifest, foreign goldens.
 
 What a user relies on: the committed goldens reproduce here (the regression test of the suite);
 a change of the reference or of the fast path fails the check with a message naming the file,
@@ -24,9 +24,11 @@ from safetensors.numpy import save_file
 
 import reference
 import reference.ops as ops
-from parity import cli, fast, goldens
-from parity.budgets import tolerance
-from parity.checkpoint import load_checkpoint
+from parity import cli
+from parity.subjects import fast
+from parity.goldens import store as goldens
+from parity.engine.budgets import tolerance
+from parity.checkpoints.checkpoint import load_checkpoint
 from parity.errors import ParityError
 
 FAMILIES = ["gpt2", "gptmeg"]  # a Conv1D family and its Megatron twin: enough for the flows

@@ -16,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the outside oracle needs the [hf] extra")
 
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from parity.budgets import tolerance  # noqa: E402
+from parity.engine.budgets import tolerance  # noqa: E402
 from tests.hf_models import padded_batch, randomize, rel_max_error  # noqa: E402
 
 pytestmark = pytest.mark.hf

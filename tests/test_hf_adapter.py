@@ -1,4 +1,4 @@
-"""The transformers adapter (parity/hf_adapter.py): transformers' own forward pass, captured by
+"""The transformers adapter (parity/subjects/hf_adapter.py): transformers' own forward pass, captured by
 hooks under the site names of DESIGN.md.
 
 - In float64 every exposed site equals the float64 reference, for all five families, with left
@@ -23,11 +23,11 @@ import torch
 pytest.importorskip("transformers")
 
 import reference  # noqa: E402
-from parity import hf_adapter  # noqa: E402
-from parity.budgets import cpu_tolerance, tolerance  # noqa: E402
-from parity.checkpoint import load_checkpoint  # noqa: E402
+from parity.subjects import hf_adapter  # noqa: E402
+from parity.engine.budgets import cpu_tolerance, tolerance  # noqa: E402
+from parity.checkpoints.checkpoint import load_checkpoint  # noqa: E402
 from parity.errors import ParityError  # noqa: E402
-from parity.inputs import Inputs  # noqa: E402
+from parity.checkpoints.inputs import Inputs  # noqa: E402
 from reference.ops import round_to  # noqa: E402
 
 pytestmark = pytest.mark.hf
@@ -296,7 +296,7 @@ def test_unknown_attention_implementation_is_a_clear_error(ckpts):
 
 def test_parity_trace_impl_hf(tiny_checkpoints, tmp_path, capsys):
     from parity.cli import main
-    from parity.golden_io import read_golden
+    from parity.goldens.io import read_golden
 
     out = tmp_path / "hf.safetensors"
     rc = main(["trace", str(tiny_checkpoints["gptj"]), "--impl", "hf", "--dtype", "float32",
@@ -331,9 +331,9 @@ def test_a_weight_missing_from_the_file_is_an_error_not_a_random_init(ckpts, tmp
 # ------------------------------------------------------------------------------ issue 3: fast vs hf
 def fast_module():
     try:
-        from parity import fast
+        from parity.subjects import fast
     except ImportError as e:
-        pytest.skip(f"parity.fast is not importable ({e}): the fast-path comparison waits for it")
+        pytest.skip(f"parity.subjects.fast is not importable ({e}): the fast-path comparison waits for it")
     return fast
 
 
@@ -346,7 +346,7 @@ def fast_variant(family: str, dtype: str) -> str:
 def ulp_figures(sub, hf, ref, rows) -> dict[str, tuple[float, float, float]]:
     """site -> (share within 1 ULP of the site's dtype, max ULP, max relative error) of `sub`
     against the adapter's trace `hf`, over the elements that count."""
-    from parity.metrics import ulp_distance
+    from parity.engine.metrics import ulp_distance
 
     out = {}
     for s, a in hf.sites.items():
@@ -409,7 +409,7 @@ def test_fast_emulated_half_agrees_with_transformers_cpu_per_block(ckpts, family
     budgets.toml and benchmarks/README.md). torch's CPU half kernels differ by CPU, so the bound
     is the one of this CPU kernel level (benchmarks/cpu_capabilities.py)."""
     fast = fast_module()
-    from parity.compare import block_inputs, forward_local
+    from parity.engine.compare import block_inputs, forward_local
 
     ck = ckpts[family]
     inp = padded_inputs(ck.config)

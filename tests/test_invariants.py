@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
-from parity.budgets import tolerance
+from parity.engine.budgets import tolerance
 from reference.sites import site_kind
 
 from tests.strategies import configs, seeds, token_batches, weights_for

@@ -14,8 +14,18 @@ PACKAGES = ("parity", "reference")
 
 
 def modules() -> dict[str, Path]:
-    return {f"{pkg}.{p.stem}" if p.stem != "__init__" else pkg: p
-            for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))}
+    out = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(p.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = p
+    return out
+
+
+def packages() -> set[str]:
+    return {m for m, p in modules().items() if p.stem == "__init__"}
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -40,8 +50,10 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
 def test_no_import_cycles():
     mods = modules()
     graph = {m: imports(m, p, set(mods)) for m, p in mods.items()}
-    # a package's __init__ re-exporting its modules is not a dependency of those modules on it
-    graph = {m: {d for d in deps if d not in PACKAGES} for m, deps in graph.items()}
+    # importing a module goes through its packages' __init__ (docstrings only, but for
+    # parity.subjects, whose __init__ is the subject runner): keep those edges, except a
+    # module's own ancestors, which Python initialises first anyway
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
     state: dict[str, int] = {}
     cycles = []
 
@@ -65,17 +77,18 @@ def test_the_detector_sees_a_cycle(tmp_path, monkeypatch):
     a = tmp_path / "a.py"
     a.write_text("def f():\n    from .b import g\n")
     assert imports("parity.a", a, {"parity.a", "parity.b"}) == {"parity.b"}
+    assert "parity.engine" in packages() and "parity.subjects" in packages()
 
 
 def test_every_subcommand_argument_is_defined_in_the_cli_module():
-    where = {p.name for p in (ROOT / "parity").glob("*.py")
+    where = {str(p.relative_to(ROOT)) for p in (ROOT / "parity").rglob("*.py")
              if re.search(r"\.add_argument\(", p.read_text())}
-    assert where == {"cli.py"}, where
+    assert where == {"parity/cli.py"}, where
 
 
 @pytest.mark.parametrize("pkg", PACKAGES)
 def test_code_does_not_cite_the_tracker(pkg):
-    hits = [f"{p.name}:{n}" for p in sorted((ROOT / pkg).glob("*.py"))
+    hits = [f"{p.name}:{n}" for p in sorted((ROOT / pkg).rglob("*.py"))
             for n, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(r"\bissues? \d+\b", line, re.IGNORECASE)]
     assert not hits, hits

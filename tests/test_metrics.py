@@ -1,4 +1,4 @@
-"""`parity/metrics.py` against hand-computed cases, and subjects judged in units of the floor.
+"""`parity/engine/metrics.py` against hand-computed cases, and subjects judged in units of the floor.
 
 Every expected figure below is worked out by hand in the test (the arithmetic is written out, not
 produced by the code under test). ULP distances are counted from the bit layout of the formats:
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 import reference
-from parity import budgets as B
-from parity import metrics as M
-from parity.checkpoint import load_checkpoint
-from parity.compare import make_records, token_rows
-from parity.inputs import default_batch
+from parity.engine import budgets as B
+from parity.engine import metrics as M
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import make_records, token_rows
+from parity.checkpoints.inputs import default_batch
 
 EXACT = "float64_exact"
 

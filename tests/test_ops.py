@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.budgets import tolerance
+from parity.engine.budgets import tolerance
 from reference import ops
 
 EXACT = "float64_exact"

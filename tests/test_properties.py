@@ -25,14 +25,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import reference
-from parity import budgets as B
-from parity import consistency as C
-from parity import search as S
-from parity.checkpoint import load_checkpoint
-from parity.compare import Subject, block_inputs, compare, floor_local, token_rows
-from parity.fast import FastModel
-from parity.inputs import Inputs, load_inputs
-from parity.knobs import PRESETS
+from parity.engine import budgets as B
+from parity.engine import consistency as C
+from parity.commands import search as S
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import Subject, block_inputs, compare, floor_local, token_rows
+from parity.subjects.fast import FastModel
+from parity.checkpoints.inputs import Inputs, load_inputs
+from parity.subjects.knobs import PRESETS
 from reference.ops import round_to
 
 from tests.strategies import (VERDICT_MIN_TOKENS, VERDICT_MIN_WIDTH, families, recipe_seeds,
@@ -197,7 +197,7 @@ def test_healthy_presets_never_fail_a_budget(save, family, data):
 def test_decisive_flips_are_counted(tiny_checkpoints):
     """The near-tie escape of the property above cannot swallow a real top-1 failure: GPT-J
     without its LM-head bias flips decisive rows; the healthy path flips none."""
-    from parity.inputs import default_batch
+    from parity.checkpoints.inputs import default_batch
     from tests.mutants import LmHeadBiasDropped
 
     ck = load_checkpoint(tiny_checkpoints["gptj"])
@@ -256,7 +256,7 @@ def test_the_batch_check_sees_a_leaking_pad(tiny_checkpoints):
             return vis | causal[None, None]
 
     ck = load_checkpoint(tiny_checkpoints["gpt2"])
-    from parity.inputs import default_batch
+    from parity.checkpoints.inputs import default_batch
 
     inp = default_batch(ck.config, 12)
     df = C.batch_check(ck, inp, [Subject("hf", "float16")], model_factory=PadsLeak)
@@ -307,13 +307,13 @@ def test_a_reference_beyond_the_dtype_is_overflow_never_a_failure_or_crash(save,
 def test_overflow_example_names_site_and_magnitude(save):
     """A deterministic instance of the property: GPT-2 embeddings x 2^17 put the stream past
     fp16 (not bf16); the first divergence is `overflow` at the embedding in both modes."""
-    from parity.compare import first_divergent
-    from parity.recipes import make_config
+    from parity.engine.compare import first_divergent
+    from parity.checkpoints.recipes import make_config
 
     raw = make_config("gpt2", "tiny", layers=2)
     cfg = reference.parse_config(raw)
     weights = scaled_weights(cfg, weights_for(cfg, 0), {"embed": 2**17, "qk": 1, "mlp": 1})
-    from parity.inputs import default_batch
+    from parity.checkpoints.inputs import default_batch
 
     df = compare(save(raw, weights), default_batch(cfg, 8),
                  [Subject("hf", "float16"), Subject("hf", "bfloat16")])
@@ -360,7 +360,7 @@ def test_search_writes_reproducers_that_replay(tmp_path, capsys):
     assert S.json_safe(fig["headroom"]) == case["figures"]["headroom"]
     # and `parity trace` takes the reproducer as it is
     from parity.cli import main
-    from parity.golden_io import read_golden
+    from parity.goldens.io import read_golden
 
     trace = tmp_path / "fast.safetensors"
     assert main(["trace", str(ckpt_dir), "--impl", "fast", "--variant", "hf", "--dtype",

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from parity.budgets import tolerance  # noqa: E402
+from parity.engine.budgets import tolerance  # noqa: E402
 from tests.hf_models import (  # noqa: E402
     build_model,
     canonical_weights,
@@ -38,7 +38,7 @@ from tests.hf_models import (  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
-# Which tolerance each family is held to (reasons in parity/budgets.toml).
+# Which tolerance each family is held to (reasons in parity/engine/budgets.toml).
 TOLERANCE = {
     "openai-gpt": "reference_vs_hf_float64",
     "gpt2": "reference_vs_hf_float64",
@@ -208,7 +208,7 @@ def _save_checkpoint_and_inputs(family, tmp_path):
 def _check_golden_against_hf(family, golden_path, ckpt, batch):
     from transformers import AutoModelForCausalLM
 
-    from parity.golden_io import read_golden
+    from parity.goldens.io import read_golden
 
     ids, mask, pos = batch
     g = read_golden(golden_path)

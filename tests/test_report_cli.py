@@ -16,10 +16,10 @@ from html.parser import HTMLParser
 import pandas as pd
 import pytest
 
-import parity.fast
+import parity.subjects.fast
 from parity.cli import main
-from parity.compare import COLUMNS, MODES
-from parity.run_report import exit_code
+from parity.engine.compare import COLUMNS, MODES
+from parity.reports.run import exit_code
 from reference.sites import site_names
 from tests import mutants as Mu
 
@@ -143,7 +143,7 @@ def test_two_runs_give_identical_documents(runs):
 # ----------------------------------------------------------------------------- exit codes
 def test_a_failing_tiny_subject_exits_1(tmp_path, monkeypatch):
     """The whole command with a broken fast path (a wrong attention scale in layer 2)."""
-    monkeypatch.setattr(parity.fast, "FastModel", functools.partial(Mu.WrongScale, layer=2))
+    monkeypatch.setattr(parity.subjects.fast, "FastModel", functools.partial(Mu.WrongScale, layer=2))
     rc, _, _ = quiet_main(["report", "--families", "gpt2", "--variants", "hf", "--dtypes",
                            "fp16", "--device", "cpu", "--no-attribution",
                            "--out", str(tmp_path / "r")])

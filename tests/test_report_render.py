@@ -1,6 +1,6 @@
-"""The report renderer (parity/report.py) on synthetic divergence/attribution frames.
+"""The report renderer (parity/reports/render.py) on synthetic divergence/attribution frames.
 
-The frames are built here with known plants, following the engine's verdicts (parity/compare.py):
+The frames are built here with known plants, following the engine's verdicts (parity/engine/compare.py):
 in gpt2/stress/meg/fp16 the accumulated stream first leaves its budget (a warn) at
 blocks.1.attn.out and the local error is made at blocks.1.mlp.act (a fail); in gpt_neo/stress/
 meg/fp16 the reference exceeds fp16 at blocks.0.attn.scores ('overflow') and the accumulated
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from parity import report
+from parity.reports import render as report
 from parity.errors import ParityError
 from reference.sites import site_kind, site_layer, site_names
 
@@ -275,8 +275,9 @@ def test_render_is_identical_in_a_fresh_process(frames, rendered, tmp_path):
     """Another interpreter (another hash seed, fresh Matplotlib state) gives the same bytes."""
     pkl = tmp_path / "frames.pkl"
     pkl.write_bytes(pickle.dumps((frames, RUN, TITLE)))
-    code = ("import pickle,sys; from parity import report; (d,a),run,t = pickle.load("
-            "open(sys.argv[1],'rb')); report.write_report(sys.argv[2], d, a, run, t)")
+    code = ("import pickle,sys; from parity.reports import render as report; "
+            "(d,a),run,t = pickle.load(open(sys.argv[1],'rb')); "
+            "report.write_report(sys.argv[2], d, a, run, t)")
     subprocess.run([sys.executable, "-c", code, str(pkl), str(tmp_path / "fresh")], check=True,
                    env={**os.environ, "PYTHONHASHSEED": "12345"},
                    cwd=Path(__file__).resolve().parents[1])
@@ -445,7 +446,7 @@ def test_the_headline_is_the_verdict_that_decides_the_exit_code(frames, tiny, ve
     """`parity report`'s healthy `tiny` checkpoints decide the headline and the exit code; the
     stress checkpoints' verdicts follow as findings, never as the overall verdict (the old
     headline said FAIL on a run that exits 0)."""
-    from parity.run_report import exit_code
+    from parity.reports.run import exit_code
 
     def counts(n, total):
         return f"{n[0]} of {total} subjects fail, {n[1]} overflow, {n[2]} warn, {n[3]} pass"

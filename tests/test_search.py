@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from parity import search as S
-from parity.compare import COLUMNS, Subject, compare
-from parity.inputs import Inputs
+from parity.commands import search as S
+from parity.engine.compare import COLUMNS, Subject, compare
+from parity.checkpoints.inputs import Inputs
 
 U16, UB16 = 2.0 ** -11, 2.0 ** -8
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 tokenizers = pytest.importorskip("tokenizers")
 
 import reference.tokenizers as rt  # noqa: E402
-from parity import tokenizer_check as tc  # noqa: E402
+from parity.checkpoints import tokenizer_check as tc  # noqa: E402
 from reference import tokenizer_unicode as pins  # noqa: E402
 from tests.strategies import texts, vocab_texts  # noqa: E402
 from tests.tokenizer_fixtures import GPTJ_EXTRA, corpus, write_tokenizer  # noqa: E402

@@ -1,7 +1,7 @@
 """transformers' own tokenizer classes as a second oracle for the tokenizer reference (issue 8).
 
 What it pins: the file-layout rules (`reference.tokenizers.read_layout`, shared by the reference
-and `parity.tokenizer_check.build_tokenizer`) read vocab.json + merges.txt (+ added_tokens.json)
+and `parity.checkpoints.tokenizer_check.build_tokenizer`) read vocab.json + merges.txt (+ added_tokens.json)
 the way transformers' GPT2Tokenizer and OpenAIGPTTokenizer do: same ids on the gate's built-in
 texts, generated corpus lines and drawn texts, <|endoftext|> and GPT-J's extra tokens included.
 """
@@ -15,7 +15,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import reference.tokenizers as rt  # noqa: E402
-from parity import tokenizer_check as tc  # noqa: E402
+from parity.checkpoints import tokenizer_check as tc  # noqa: E402
 from tests.strategies import texts  # noqa: E402
 from tests.tokenizer_fixtures import corpus, write_tokenizer  # noqa: E402
 

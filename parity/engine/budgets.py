@@ -1,4 +1,4 @@
-"""Budgets and tolerances as data (`parity/budgets.toml`), shared by tests, reports and the gate."""
+"""Budgets and tolerances as data (`parity/engine/budgets.toml`), shared by tests, reports and the gate."""
 from __future__ import annotations
 
 import fnmatch
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import tomllib
 from pathlib import Path
 
-from .errors import ParityError
+from parity.errors import ParityError
 
 DEFAULT_FILE = Path(__file__).with_name("budgets.toml")
 

@@ -59,8 +59,8 @@ from reference.families import FAMILIES, family
 from reference.sites import site_names
 from reference.trace import Recorder, Trace
 
-from .errors import ParityError
-from .devices import normalize_dtype
+from parity.errors import ParityError
+from parity.devices import normalize_dtype
 
 INSTALL_HINT = "install the 'hf' extra: pip install gpt-parity[hf]"
 NOTE = "loads the whole model"

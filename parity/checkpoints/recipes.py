@@ -19,7 +19,7 @@ import numpy as np
 
 import reference
 
-from .errors import ParityError
+from parity.errors import ParityError
 
 TINY = {
     "gpt2": dict(model_type="gpt2", vocab_size=512, n_positions=128, n_embd=64, n_layer=4,

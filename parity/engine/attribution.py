@@ -17,11 +17,11 @@ import pandas as pd
 
 import reference
 
-from . import metrics as M
-from .checkpoint import Checkpoint
-from .compare import token_rows
-from .inputs import Inputs
-from .knobs import Knobs, parse_variant
+from parity.engine import metrics as M
+from parity.checkpoints.checkpoint import Checkpoint
+from parity.engine.compare import token_rows
+from parity.checkpoints.inputs import Inputs
+from parity.subjects.knobs import Knobs, parse_variant
 
 # The choice of each knob that rounds least (fp32 where there is a choice, one rounding where
 # there are several). Knobs not listed here are not attributed (they move no precision:
@@ -42,8 +42,8 @@ def _run(ckpt: Checkpoint, inputs: Inputs, knobs: Knobs, dtype: str, device: str
          emulate, sites=None, streams=None) -> reference.Trace:
     """The subject's trace: on its own stream, or (streams given: local mode) each block fed
     the reference's input to that block."""
-    from . import fast
-    from .compare import forward_local
+    from parity.subjects import fast
+    from parity.engine.compare import forward_local
 
     model = fast.FastModel(ckpt, knobs, dtype=dtype, device=device, emulate=emulate)
     if streams is not None:
@@ -80,7 +80,7 @@ def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str,
     with mode="local" every block is fed the reference's input, so a flip is credited only with
     what it changes in the layer that makes the divergence. `ref_trace`: the reference's full
     trace on these inputs, when the caller already has it (computed here otherwise)."""
-    from .compare import block_inputs
+    from parity.engine.compare import block_inputs
 
     cfg = ckpt.config
     knobs = parse_variant(variant, cfg.family, cfg)

@@ -29,9 +29,9 @@ import pandas as pd
 from reference.families import FAMILIES
 from reference.sites import block_output_site
 
-from .errors import ParityError
-from .files import atomic_write
-from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
+from parity.errors import ParityError
+from parity.files import atomic_write
+from parity.engine.verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
 
 DIVERGENCE_COLUMNS = (
     "family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site", "layer",
@@ -391,7 +391,7 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         "floor_ratio = rel_l2 of the subject / rel_l2 of the rounding floor (the float64 math "
         "with every op rounded once to the dtype: the best any implementation in that dtype can "
         "do). Healthy half-precision paths sit near 1; bugs land orders of magnitude away.",
-        "warn / fail: floor_ratio over the site's budgets (parity/budgets.toml), or non-finite "
+        "warn / fail: floor_ratio over the site's budgets (parity/engine/budgets.toml), or non-finite "
         "values where the reference is finite (fail); overflow: the reference itself exceeds "
         "the dtype's range at that site. headroom = dtype max / max|reference|.",
         "top1 = share of decisive tokens (the reference's top-1 margin beyond what a subject "

@@ -23,7 +23,7 @@ import torch
 import reference
 from reference.config import ConfigError, ModelConfig
 
-from .errors import CheckpointError, StructureError
+from parity.errors import CheckpointError, StructureError
 
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,

@@ -5,7 +5,7 @@ One example = a checkpoint recipe (family, preset, layers, a weight seed), optio
 scales of three weight groups (embeddings, q/k projections, MLP input: they push the stream, the
 scores and the pre-activations toward the dtype's limits; a power of two is exact in any float
 dtype, so scaling adds no rounding of its own) and a token batch (left padding, explicit
-position ids, edge token ids). Each example runs `parity.compare.compare` for the one subject and
+position ids, edge token ids). Each example runs `parity.engine.compare.compare` for the one subject and
 reports two figures, both handed to `hypothesis.target()` so that its optimiser climbs them:
 
   floor_ratio   the worst rel_l2 / rel_l2(rounding floor) over the sites before the first one
@@ -56,8 +56,8 @@ import numpy as np
 
 import reference
 
-from .errors import ParityError
-from .metrics import UNIT_ROUNDOFF
+from parity.errors import ParityError
+from parity.engine.metrics import UNIT_ROUNDOFF
 
 CHUNK = 50  # examples per Hypothesis run (one pool task)
 TARGET_CAP = 1e6  # hypothesis.target() needs finite observations: inf is reported as this
@@ -72,7 +72,7 @@ SCALE_GROUPS = ("embed", "qk", "mlp")
 def tests_module(name: str):
     """tests/<name>.py of the source checkout this package lives in (the project's one
     strategies module, the mutant catalogue). Needs a source checkout, not a wheel."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "tests" / f"{name}.py").is_file():
         raise ParityError(f"{root / 'tests' / (name + '.py')}: not found (this command needs a "
                           "source checkout of gpt-parity with its tests/ folder)")
@@ -117,10 +117,10 @@ def is_scaled(scales: dict | None) -> bool:
 
 
 def scaled_checkpoint(base, scales: dict | None):
-    """`base` (a parity.checkpoint.Checkpoint) with `scales` applied, held in memory."""
+    """`base` (a parity.checkpoints.checkpoint.Checkpoint) with `scales` applied, held in memory."""
     if not is_scaled(scales):
         return base
-    from .checkpoint import Checkpoint
+    from parity.checkpoints.checkpoint import Checkpoint
 
     class ScaledCheckpoint(Checkpoint):
         def tensor(self, name):
@@ -164,8 +164,8 @@ def base_checkpoint(family: str, preset: str, layers: int | None, seed: int):
     import atexit
     import shutil
 
-    from .checkpoint import load_checkpoint
-    from .recipes import make_checkpoint
+    from parity.checkpoints.checkpoint import load_checkpoint
+    from parity.checkpoints.recipes import make_checkpoint
 
     key = (family, preset, layers, seed)
     if key in _BASES:
@@ -216,7 +216,7 @@ def measured(df) -> "np.ndarray":
 def figures(df) -> dict:
     """The search's figures of one comparison frame (one subject, both modes). `floor_ratio`
     is NaN (not measured) when no held site has a measurable floor (`measured`)."""
-    from .compare import first_divergent, overall
+    from parity.engine.compare import first_divergent, overall
 
     # parity is measured up to the first site the dtype cannot hold, in each mode: what follows
     # an overflow inherits it (inf, nan) and says nothing more about the subject
@@ -255,7 +255,7 @@ def figures(df) -> dict:
 
 
 def evaluate(ckpt, inputs, variant: str, dtype: str, device: str = "cpu") -> dict:
-    from .compare import Subject, compare
+    from parity.engine.compare import Subject, compare
 
     df = compare(ckpt, inputs, [Subject(variant, dtype, device)], label="search")
     return figures(df)
@@ -292,7 +292,7 @@ def run_task(task: Task) -> list[dict]:
     from hypothesis import HealthCheck, Phase, given, seed, settings, target
     from hypothesis import strategies as st
 
-    from .inputs import Inputs
+    from parity.checkpoints.inputs import Inputs
 
     torch.set_num_threads(1)
     S = tests_module("strategies")
@@ -376,8 +376,8 @@ def _key(x: float) -> float:
 
 def failing(records: list[dict]) -> list[dict]:
     """The examples whose overall verdict fails (fail, overflow, or any other failing verdict
-    parity.compare knows), worst first."""
-    from .verdicts import FAILING
+    parity.engine.compare knows), worst first."""
+    from parity.engine.verdicts import FAILING
 
     return [r for r in rank(records) if r["verdict"] in FAILING]
 
@@ -436,7 +436,7 @@ def write_case(out: Path, rec: dict, s: Search, n: int, why: str = "worst") -> d
         "checkpoint_written": scaled,
         "checkpoint_make": make,
         "scaling": ("the tensors of `checkpoint_make`, multiplied per group by `recipe.scales` "
-                    "(parity.search.scale_tensor: embed = token/position embeddings, qk = query "
+                    "(parity.commands.search.scale_tensor: embed = token/position embeddings, qk = query "
                     "and key projections, mlp = first MLP projection); written to `checkpoint`"
                     if scaled else "none"),
         "inputs": str(inputs),
@@ -627,9 +627,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 def cmd_search(a) -> int:
     """0: done (the search reports; it does not judge). 2: bad arguments."""
 
-    from .fast import dtype_name
-    from .knobs import parse_variant
-    from .recipes import PRESETS
+    from parity.subjects.fast import dtype_name
+    from parity.subjects.knobs import parse_variant
+    from parity.checkpoints.recipes import PRESETS
 
     if a.family not in reference.FAMILIES:
         raise ParityError(f"unknown family {a.family!r} (choose from "

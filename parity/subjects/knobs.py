@@ -3,7 +3,7 @@
 A knob moves a rounding point or an upcast, never the math: in float64 every variant computes the
 reference's function (the one exception is `gelu=erf|torch_tanh` forced onto a model whose config
 says otherwise, which changes the function on purpose). What each knob does to the arithmetic is
-written down op by op in `parity/EMULATION.md`.
+written down op by op in `parity/subjects/EMULATION.md`.
 
 Variant syntax (`--variant`):  PRESET[+KNOB=VALUE[,KNOB=VALUE...]]
     hf                         the family's Hugging Face eager numerics
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import ParityError
+from parity.errors import ParityError
 
 PRESETS = ("hf", "meg", "meg-parallel", "sdpa", "naive-half", "fp32")
 

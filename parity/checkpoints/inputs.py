@@ -8,8 +8,8 @@ import numpy as np
 
 from reference.config import ModelConfig
 
-from .errors import ParityError
-from .tokenizer_check import load_tokenizer
+from parity.errors import ParityError
+from parity.checkpoints.tokenizer_check import load_tokenizer
 
 
 @dataclass

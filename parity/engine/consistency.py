@@ -13,7 +13,7 @@ A subject can match the reference on one full forward and still be wrong where p
 
 Both run in `accumulated` and `local` mode like `compare` (local: every block is fed the
 reference's input to it, so a divergence is pinned on the layer that makes it) and return the
-long frame of `compare` (`parity.compare.COLUMNS`) plus two columns: `check` and `case` (which
+long frame of `compare` (`parity.engine.compare.COLUMNS`) plus two columns: `check` and `case` (which
 row, which split). `layers` wraps `compare` itself in the same frame, so a caller can put the
 three checks side by side (`parity detection` does).
 """
@@ -25,11 +25,11 @@ import pandas as pd
 import reference
 from reference.sites import site_kind
 
-from . import budgets as B
-from .compare import (COLUMNS, MODES, Subject, block_inputs, compare, floor_local, forward_local,
+from parity.engine import budgets as B
+from parity.engine.compare import (COLUMNS, MODES, Subject, block_inputs, compare, floor_local, forward_local,
                       make_records, to_frame, token_rows, wide_sites)
-from .devices import emulated
-from .inputs import Inputs
+from parity.devices import emulated
+from parity.checkpoints.inputs import Inputs
 
 CHECK_COLUMNS = COLUMNS + ["check", "case"]
 CHECKS = ("layers", "cache", "batch")
@@ -59,7 +59,7 @@ def _cut(a, sl):
 
 # ----------------------------------------------------------------------------- running
 def _model(ckpt, subject: Subject, model_factory):
-    from . import fast
+    from parity.subjects import fast
 
     make = model_factory or fast.FastModel
     return make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import reference
 from reference import dtypes
 
-from .checkpoint import Checkpoint
-from .devices import normalize_dtype  # noqa: F401 (re-exported: where a subject runs)
-from .errors import ParityError
-from .inputs import Inputs
+from parity.checkpoints.checkpoint import Checkpoint
+from parity.devices import normalize_dtype  # noqa: F401 (re-exported: where a subject runs)
+from parity.errors import ParityError
+from parity.checkpoints.inputs import Inputs
 
 IMPLS = ("reference", "fast", "hf")
 DTYPES = tuple(dtypes.DTYPES)
@@ -35,12 +35,12 @@ def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = No
             t.meta["producer"] = f"gpt-parity reference rounding floor ({floor})"
         return t
     if impl == "fast":
-        from . import fast
+        from parity.subjects import fast
 
         return fast.run(ckpt, inputs, variant=variant or "hf", dtype=dtype, device=device,
                         emulate=emulate, sites=sites, past=past)
     if impl == "hf":
-        from . import hf_adapter
+        from parity.subjects import hf_adapter
 
         return hf_adapter.run(ckpt, inputs, dtype=dtype, device=device, sites=sites,
                               attn_implementation=variant, past=past)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from reference import tokenizers as rt
 
-from .errors import ParityError, TokenizerMissing
+from parity.errors import ParityError, TokenizerMissing
 
 UNICODE_PINS_FILE = Path(rt.__file__).with_name("tokenizer_unicode.py")
 
@@ -364,7 +364,7 @@ def render_unicode_pins(p: dict) -> str:
         "BertPreTokenizer is frozen at an older one (marks, punctuation and format characters\n"
         "encoded since are not marks, punctuation or controls to it). Each table below lists\n"
         "the code points where Python's unicodedata gives another answer, as read from\n"
-        "`tokenizers` by `parity.tokenizer_check.probe_unicode_pins`; tests check every code\n"
+        "`tokenizers` by `parity.checkpoints.tokenizer_check.probe_unicode_pins`; tests check every code\n"
         "point against the library, so a new `tokenizers` release that moves its Unicode data\n"
         "fails loudly instead of drifting.\n"
         '"""\n'

@@ -49,23 +49,23 @@ import numpy as np
 
 from reference.dtypes import DTYPES
 
-from . import budgets
-from .errors import ParityError
-from .files import temp_beside
-from .golden_io import FORMAT, GOLDEN_DTYPES, INPUT_KEYS, read_golden
+from parity.engine import budgets
+from parity.errors import ParityError
+from parity.files import temp_beside
+from parity.goldens.io import FORMAT, GOLDEN_DTYPES, INPUT_KEYS, read_golden
 
 GENERATOR = "gpt-parity goldens"
 GENERATOR_VERSION = 1
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "parity-golden-manifest/1"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "golden"
 SIZE_BUDGET_BYTES = 5_000_000  # golden/ at most 5 MB in all: light to clone
 
 FAST_PRESETS = ("hf", "meg")
 HALF_DTYPES = ("float16", "bfloat16")
 CPU_CLASSES = ("cpu-emulated", "cpu-native")
 RECIPE = {"preset": "tiny", "seed": 0}
-STEP1 = {"length": 8, "seed": 0, "pad": 3}  # parity.inputs.default_batch arguments
+STEP1 = {"length": 8, "seed": 0, "pad": 3}  # parity.checkpoints.inputs.default_batch arguments
 STEP2 = {"tokens": 3, "seed": 1}
 STEP2_PREFIX = "step2/"
 DETAIL_LAYER = 1  # the layer whose attention scores are kept (GPT-Neo: a local layer)
@@ -240,8 +240,8 @@ class Checkpoints(contextlib.AbstractContextManager):
 
     def get(self, family: str, preset: str, seed: int):
         """(Checkpoint, sha256 of its weights file)."""
-        from .checkpoint import load_checkpoint
-        from .recipes import make_checkpoint
+        from parity.checkpoints.checkpoint import load_checkpoint
+        from parity.checkpoints.recipes import make_checkpoint
 
         key = (family, preset, seed)
         if key not in self._made:
@@ -259,7 +259,7 @@ class Checkpoints(contextlib.AbstractContextManager):
 def recipe_inputs(cfg):
     """Step 1: `default_batch` (two rows, the second left-padded, explicit positions);
     step 2: STEP2 new tokens per row, mask over past + new, positions continuing each row."""
-    from .inputs import Inputs, default_batch
+    from parity.checkpoints.inputs import Inputs, default_batch
 
     s1 = default_batch(cfg, **STEP1)
     rng = np.random.default_rng([STEP2["seed"], STEP2["tokens"], cfg.vocab_size])
@@ -273,7 +273,7 @@ def recipe_inputs(cfg):
 def inputs_description(cfg) -> dict:
     s1, s2 = recipe_inputs(cfg)
     return {
-        "step1": {"recipe": "parity.inputs.default_batch", **STEP1,
+        "step1": {"recipe": "parity.checkpoints.inputs.default_batch", **STEP1,
                   "shape": list(s1.input_ids.shape),
                   "note": "row 1 left-padded (mask 0, id 0), explicit position ids"},
         "step2": {"prefix": STEP2_PREFIX, **STEP2, "shape": list(s2.input_ids.shape),
@@ -295,7 +295,7 @@ def one_thread():
 
 
 def run_step(spec: Spec, ckpt, inputs, sites, past=None):
-    from . import subjects
+    from parity import subjects
 
     if spec.impl == "reference":
         return subjects.run("reference", ckpt, inputs, dtype=spec.dtype, sites=sites, past=past)
@@ -334,7 +334,7 @@ def _site_tensors(trace, prefix: str, where: str) -> dict:
     """Each site in the dtype that produced it (a float64 carrier of half values is exact)."""
     import torch
 
-    from .fast import TORCH_DTYPES
+    from parity.subjects.fast import TORCH_DTYPES
 
     out = {}
     default = trace.meta.get("dtype", "float64")
@@ -599,7 +599,7 @@ class SiteDiff:
 def diff_arrays(site: str, old: np.ndarray, new: np.ndarray, dtype: str) -> SiteDiff:
     """Compare every element: finite values by size, non-finite ones (masked scores) by
     position and sign."""
-    from .metrics import ulp_distance
+    from parity.engine.metrics import ulp_distance
 
     d = SiteDiff(site, dtype, tuple(old.shape), total=int(old.size))
     if old.shape != new.shape:
@@ -676,7 +676,7 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     import torch
     from safetensors import safe_open
 
-    from .inputs import Inputs
+    from parity.checkpoints.inputs import Inputs
 
     spec = Spec.from_entry(rel, entry)
     path = golden_dir / rel
@@ -694,7 +694,7 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     notes = []
     if wsha != entry.get("checkpoint", {}).get("weights_sha256"):
         notes.append("the checkpoint recipe now makes other weights than when this golden was "
-                     "made (parity/recipes.py changed?)")
+                     "made (parity/checkpoints/recipes.py changed?)")
 
     def inputs(prefix):
         get = lambda k: stored[prefix + k].to(torch.int64).numpy() if prefix + k in stored else None
@@ -709,7 +709,7 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
         raise ParityError(f"{path}: cannot regenerate ({e})") from None
     if spec.impl == "fast" and new_meta.get("jit_fused", "") != meta.get("jit_fused", ""):
         notes.append(f"jit fusion was {meta.get('jit_fused')!r}, now {new_meta.get('jit_fused')!r}")
-    from .golden_io import site_order
+    from parity.goldens.io import site_order
 
     order = site_order(spec.family, [k for k in keys if not k.startswith(STEP2_PREFIX)])
     order += [STEP2_PREFIX + k for k in site_order(
@@ -795,10 +795,10 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
 
     import reference
 
-    from .checkpoint import Checkpoint, load_checkpoint
-    from .compare import token_rows
-    from .inputs import Inputs, validate_inputs
-    from .metrics import rel_l2, ulp_distance, valid_mask
+    from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
+    from parity.engine.compare import token_rows
+    from parity.checkpoints.inputs import Inputs, validate_inputs
+    from parity.engine.metrics import rel_l2, ulp_distance, valid_mask
 
     path = Path(golden_path)
     g = read_golden(path)  # format checks

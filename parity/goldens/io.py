@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ParityError
-from .files import replacing
+from parity.errors import ParityError
+from parity.files import replacing
 
 FORMAT = "parity-golden/1"
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")

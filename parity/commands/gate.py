@@ -26,14 +26,14 @@ import pandas as pd
 
 import reference
 
-from . import budgets as B
-from .checkpoint import Checkpoint, open_checkpoint
-from .compare import FAILING, Subject, overall, token_rows, wide_sites
-from .errors import ParityError, TokenizerMissing
-from .files import atomic_write
-from .golden_io import read_golden
-from .inputs import Inputs, gate_batch, validate_inputs
-from .tokenizer_check import load_tokenizer
+from parity.engine import budgets as B
+from parity.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from parity.engine.compare import FAILING, Subject, overall, token_rows, wide_sites
+from parity.errors import ParityError, TokenizerMissing
+from parity.files import atomic_write
+from parity.goldens.io import read_golden
+from parity.checkpoints.inputs import Inputs, gate_batch, validate_inputs
+from parity.checkpoints.tokenizer_check import load_tokenizer
 
 GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
 
@@ -151,7 +151,7 @@ def golden_check(ckpt: Checkpoint, path: str) -> Check:
     `parity golden check --file` gives: a golden with no comparable site fails). A stored site
     whose shape does not fit the checkpoint is bad input (a golden of another model), not a
     verdict."""
-    from .goldens import check_foreign_golden, summarize_foreign
+    from parity.goldens.store import check_foreign_golden, summarize_foreign
 
     rows = check_foreign_golden(path, ckpt)
     misfit = [r for r in rows if r.get("misfit")]
@@ -168,8 +168,8 @@ def golden_check(ckpt: Checkpoint, path: str) -> Check:
 def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: dict,
                   impl: str, progress=None) -> tuple[Check, pd.DataFrame, dict]:
     if impl == "fast":
-        from .fast import FastModel
-        from .lockstep import lockstep
+        from parity.subjects.fast import FastModel
+        from parity.engine.lockstep import lockstep
 
         model = FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
                           emulate=subject.emulate, cache_weights=False)
@@ -180,8 +180,8 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
                             if progress else None)
         meta = dict(model.meta(), first_run=kept)
     else:
-        from .compare import make_records, to_frame
-        from .subjects import run
+        from parity.engine.compare import make_records, to_frame
+        from parity.subjects import run
 
         ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                 inputs.attention_mask, inputs.position_ids)
@@ -248,14 +248,14 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
     layer by layer again (no cache), so memory stays flat here too."""
     sites = DETERMINISM_SITES
     if impl == "fast":
-        from .fast import FastModel
+        from parity.subjects.fast import FastModel
 
         def once():
             return FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
                              emulate=subject.emulate, cache_weights=False).forward(
                                  inputs, sites=sites)
     else:
-        from .subjects import run
+        from parity.subjects import run
 
         def once():  # exactly the subject that was judged (its attention implementation too)
             return run(impl, ckpt, inputs, variant=_hf_variant(subject), dtype=subject.dtype,
@@ -291,7 +291,7 @@ def _f(x) -> float | None:
 def load_prompts(path: str, ckpt: Checkpoint) -> Inputs:
     """One prompt per line: token ids ("464 3290 318") or text (tokenized with the checkpoint's
     tokenizer files). Rows are left-padded, with position ids counted from the first real token."""
-    from .inputs import tokenize
+    from parity.checkpoints.inputs import tokenize
 
     p = Path(path)
     try:
@@ -346,7 +346,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     ckpt = open_checkpoint(ckpt_dir)
     ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
-    from . import tokenizer_check
+    from parity.checkpoints import tokenizer_check
 
     checks.append(Check("tokenizer", **tokenizer_check.gate_check(
         ckpt.path, tokenizer_check.prompt_texts(prompts))))
@@ -387,7 +387,7 @@ def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> 
     there are removed) and the JUnit file holds one error testcase, so nothing an earlier run
     left can be read as this run's verdict. Best effort: a failing write here must not hide the
     original error."""
-    from .report import FILES
+    from parity.reports.render import FILES
 
     def attempt(fn):
         try:
@@ -402,7 +402,7 @@ def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> 
 
         suite = ET.Element("testsuite", name="parity gate", tests="1", failures="0",
                            errors="1", skipped="0")
-        case = ET.SubElement(suite, "testcase", classname="parity.gate", name="gate")
+        case = ET.SubElement(suite, "testcase", classname="parity.commands.gate", name="gate")
         ET.SubElement(case, "error", message=message[:500]).text = message
         attempt(lambda: _write_xml(Path(junit), suite))
 
@@ -425,7 +425,7 @@ def write_junit(path: str, result: GateResult) -> None:
                        skipped=str(sum(c.verdict == "skip" for c in result.checks)),
                        time=str(result.meta.get("wall_time_s", 0)))
     for c in result.checks:
-        case = ET.SubElement(suite, "testcase", classname="parity.gate", name=c.name)
+        case = ET.SubElement(suite, "testcase", classname="parity.commands.gate", name=c.name)
         if c.verdict == "fail":
             ET.SubElement(case, "failure", message=c.detail[:500]).text = c.detail
         elif c.verdict == "skip":

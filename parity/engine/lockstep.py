@@ -19,11 +19,11 @@ import reference
 from reference import ops
 from reference.model import Context, RoundedWeights, make_context
 
-from . import budgets as B
-from .checkpoint import Checkpoint, LazyWeights
-from .compare import make_records, to_frame, token_rows, wide_sites
-from .devices import emulated
-from .inputs import Inputs
+from parity.engine import budgets as B
+from parity.checkpoints.checkpoint import Checkpoint, LazyWeights
+from parity.engine.compare import make_records, to_frame, token_rows, wide_sites
+from parity.devices import emulated
+from parity.checkpoints.inputs import Inputs
 
 CHUNK_ELEMENTS = 1 << 24  # weight elements converted to float64 at once (128 MiB)
 _NARROW = {"float16": (torch.float16,), "bfloat16": (torch.bfloat16,),

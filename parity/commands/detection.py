@@ -5,8 +5,8 @@ one layer) runs through the project's checks, next to its healthy twin (the same
 without the bug) on the same checkpoint and inputs:
 
   layers   `compare` on the tiny checkpoint (local and accumulated mode)
-  cache    decoding with the KV cache against the full forward (`parity.consistency`)
-  batch    batch rows and left padding against each row alone (`parity.consistency`)
+  cache    decoding with the KV cache against the full forward (`parity.engine.consistency`)
+  batch    batch rows and left padding against each row alone (`parity.engine.consistency`)
   stress   `compare` on the stress checkpoint (real-sized magnitudes)
 
 A check *catches* a mutant when the mutant gets a `fail` or `overflow` verdict there while the
@@ -49,8 +49,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ParityError
-from .verdicts import FAILING
+from parity.errors import ParityError
+from parity.engine.verdicts import FAILING
 
 if TYPE_CHECKING:  # pandas is imported when a table is made, not when the CLI builds its parser
     import pandas as pd
@@ -75,8 +75,8 @@ class Bench:
         self.root, self._ckpt, self._healthy = root, {}, {}
 
     def ckpt(self, family: str, preset: str):
-        from .checkpoint import load_checkpoint
-        from .recipes import make_checkpoint
+        from parity.checkpoints.checkpoint import load_checkpoint
+        from parity.checkpoints.recipes import make_checkpoint
 
         key = (family, preset)
         if key not in self._ckpt:
@@ -86,9 +86,9 @@ class Bench:
 
     def frames(self, family: str, dtype: str, factory=None) -> dict[str, "pd.DataFrame"]:
         """check -> frame (every check of CHECKS) for the `hf` subject, healthy or mutated."""
-        from . import consistency as C
-        from .compare import Subject
-        from .inputs import default_batch
+        from parity.engine import consistency as C
+        from parity.engine.compare import Subject
+        from parity.checkpoints.inputs import default_batch
 
         key = (family, dtype)
         if factory is None and key in self._healthy:
@@ -108,7 +108,7 @@ class Bench:
 
 def assess(spec, family: str, dtype: str, bench: Bench) -> dict:
     """One row of the detection table."""
-    from . import consistency as C
+    from parity.engine import consistency as C
 
     cfg = bench.ckpt(family, "tiny").config
     healthy = bench.frames(family, dtype)
@@ -190,7 +190,7 @@ def detection_table(families=None, dtypes=("float16", "bfloat16"), mutants=None,
     """The table for every catalogue entry (or the named `mutants`) applicable to `families`."""
     import torch
 
-    from .search import tests_module
+    from parity.commands.search import tests_module
 
     torch.set_num_threads(1)
     Mu = tests_module("mutants")
@@ -237,7 +237,7 @@ def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
     lines = ["# Detection power of the verdict budgets", "",
              "Each mutant is the `hf` fast path with one planted bug (tests/mutants.py), on the "
              "tiny (4 layers, 2 x 16 tokens, left padding) and stress checkpoints, judged by the "
-             "shipped budgets (parity/budgets.toml). A check catches a mutant when it fails or "
+             "shipped budgets (parity/engine/budgets.toml). A check catches a mutant when it fails or "
              "overflows there while the healthy `hf` path does not. `first divergent site` is "
              "the first non-pass site in local mode (each layer fed the reference's input) of "
              "the catching check; `pinned` = it is a site of the planted op in the planted "
@@ -265,7 +265,7 @@ def render(df: "pd.DataFrame", seconds: float | None = None) -> str:
         lines.append(f"| {r.mutant} | {r.family} | {r.dtype} | {r.planted} | {caught} | "
                      f"{r.first_site or '-'} | {verdict} | {_num(r.floor_ratio)} | "
                      f"{'yes' if r.pinned else 'no'} | {r.outcome} |")
-    from .search import tests_module
+    from parity.commands.search import tests_module
 
     skipped = [(s, d) for s in tests_module("mutants").CATALOGUE for d in sorted(set(df["dtype"]))
                if d not in s.dtypes and s.name in set(df["mutant"])]
@@ -318,7 +318,7 @@ def exit_code(df: "pd.DataFrame") -> int:
 def cmd_detection(a) -> int:
     import reference
 
-    from .subjects import normalize_dtype
+    from parity.subjects import normalize_dtype
 
     for f in a.families or ():
         if f not in reference.FAMILIES:

@@ -1,6 +1,6 @@
 """The fast path (`--impl fast`): one torch implementation of the five families, with knobs.
 
-It is what people run, reproduced knob by knob (`parity/knobs.py`), over the same weights and
+It is what people run, reproduced knob by knob (`parity/subjects/knobs.py`), over the same weights and
 the same sites as the float64 reference. Three ways to run the same code:
 
 - CUDA: the real kernels in the model dtype.
@@ -11,7 +11,7 @@ the same sites as the float64 reference. Three ways to run the same code:
 
 The one rule that makes this work is `Numerics.r(op(...), dtype)`: "this op writes its output in
 `dtype`". On real kernels the op already wrote that dtype and `r` is a no-op; under emulation
-`r` rounds. The op-by-op semantics are in `parity/EMULATION.md`.
+`r` rounds. The op-by-op semantics are in `parity/subjects/EMULATION.md`.
 
 Per-layer API (mirrors the reference, so that a lockstep comparison can feed the reference's
 stream, rounded to the subject dtype, into one subject block):
@@ -37,9 +37,9 @@ from reference.ops import round_to
 from reference.sites import site_names
 from reference.trace import Recorder, Trace
 
-from .devices import resolve_device
-from .errors import ParityError
-from .knobs import TANH_GELUS, Knobs, parse_variant
+from parity.devices import resolve_device
+from parity.errors import ParityError
+from parity.subjects.knobs import TANH_GELUS, Knobs, parse_variant
 
 HALF = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -351,7 +351,7 @@ class FastModel:
 
     # -- inputs
     def prepare(self, inputs, past=None, sites=None) -> FastContext:
-        """Inputs (parity.inputs.Inputs or anything with input_ids / attention_mask /
+        """Inputs (parity.checkpoints.inputs.Inputs or anything with input_ids / attention_mask /
         position_ids) and an optional past cache in the reference layout (per layer (k, v)
         float64 arrays (B, H, T_past, hd)) -> the context the per-layer methods use."""
         ids = np.asarray(getattr(inputs, "input_ids", inputs), dtype=np.int64)

@@ -23,12 +23,12 @@ from reference import ops
 from reference.model import make_context
 from reference.sites import block_output_site, site_kind, site_layer
 
-from . import budgets as B
-from . import metrics as M
-from .checkpoint import Checkpoint
-from .devices import emulated
-from .inputs import Inputs
-from .verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
+from parity.engine import budgets as B
+from parity.engine import metrics as M
+from parity.checkpoints.checkpoint import Checkpoint
+from parity.devices import emulated
+from parity.checkpoints.inputs import Inputs
+from parity.engine.verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
 
 MODES = ("accumulated", "local")
 # A logit row counts for top-1 agreement when the reference's top-1 margin exceeds this many
@@ -91,7 +91,7 @@ def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, 
     """Sites of the subject in each mode: {mode: {site: float64 array}}, and site dtypes.
     `model_factory` (default `fast.FastModel`) builds the model from (ckpt, variant, dtype=,
     device=, emulate=): a hook for patched implementations (tests/mutants.py)."""
-    from . import fast
+    from parity.subjects import fast
 
     make = model_factory or fast.FastModel
     model = make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
@@ -387,9 +387,9 @@ def run(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",), devic
     loaded policy."""
     import numpy as _np
 
-    from .checkpoint import load_checkpoint
-    from .inputs import default_batch, validate_inputs
-    from .subjects import normalize_dtype
+    from parity.checkpoints.checkpoint import load_checkpoint
+    from parity.checkpoints.inputs import default_batch, validate_inputs
+    from parity.subjects import normalize_dtype
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if inputs is None:
@@ -406,16 +406,3 @@ def run(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",), devic
         policy = B.load_policy(policy)
     return compare(ckpt, inputs, subjects, label=label or ckpt.path.name, modes=modes,
                    policy=policy)
-
-
-class _CallableModule(type(B)):
-    """Makes `parity.compare(...)` (the DESIGN's comparison API) callable while the module keeps
-    its functions (`from parity.compare import compare, COLUMNS, ...`)."""
-
-    def __call__(self, *args, **kwargs) -> pd.DataFrame:
-        return run(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

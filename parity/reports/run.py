@@ -21,13 +21,13 @@ import pandas as pd
 
 import reference
 
-from . import __version__
-from .attribution import ATTR_COLUMNS, knob_attribution
-from .checkpoint import load_checkpoint
-from .compare import Subject, compare
-from .errors import ParityError
-from .inputs import default_batch
-from .recipes import make_checkpoint
+from parity import __version__
+from parity.engine.attribution import ATTR_COLUMNS, knob_attribution
+from parity.checkpoints.checkpoint import load_checkpoint
+from parity.engine.compare import Subject, compare
+from parity.errors import ParityError
+from parity.checkpoints.inputs import default_batch
+from parity.checkpoints.recipes import make_checkpoint
 
 DEFAULT_VARIANTS = ("hf", "meg", "sdpa", "naive-half")
 DEFAULT_DTYPES = ("float16", "bfloat16")
@@ -146,6 +146,6 @@ def exit_code(div: pd.DataFrame) -> int:
     """1 when a subject on a healthy (`tiny`) checkpoint fails or overflows, else 0: the same
     rule as the report's headline verdict (`report.decides_failure`); stress findings do not
     count."""
-    from .report import decides_failure
+    from parity.reports.render import decides_failure
 
     return 1 if decides_failure(div) else 0

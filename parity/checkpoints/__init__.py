@@ -1,0 +1,1 @@
+"""What goes in: checkpoint IO, seeded recipes, prompts and token batches, tokenizers."""

@@ -1,0 +1,1 @@
+"""The commands beyond trace and report: the release gate, worst-case search, detection power."""

@@ -1,0 +1,1 @@
+"""The judge: metrics, budgets, verdicts, comparison (whole-model and lockstep), consistency, attribution."""

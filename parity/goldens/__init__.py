@@ -1,0 +1,1 @@
+"""Golden activation files: the parity-golden/1 format, the committed store, foreign goldens."""

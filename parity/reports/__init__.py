@@ -1,0 +1,1 @@
+"""Report runs and their rendering (summary.md, index.html, divergence.csv, run.json)."""
