@@ -151,12 +151,12 @@ def golden_figures() -> dict:
     worst = [0.0, ""]
     for r in results:
         c = r.spec.device_class if r.spec else "?"
-        counts.setdefault(c, {"pass": 0, "skip": 0, "fail": 0})[r.status] += 1
+        counts.setdefault(c, {"pass": 0, "skip": 0, "fail": 0})[r.verdict] += 1
         if c == "cpu-emulated":
             for d in r.sites:
                 e = d.rel / goldens.EPS[r.spec.dtype]
                 if e > worst[0]:
-                    worst = [e, f"{r.path} {d.site}"]
+                    worst = [e, f"{r.name} {d.site}"]
     return {"goldens": counts, "golden_emulated_max_eps": worst,
             "fingerprint": goldens.cpu_fingerprint()}
 

@@ -315,6 +315,7 @@ def subject_specs(min_size: int = 1, max_size: int = 3):
     from parity.engine.compare import Subject
     from parity.subjects.knobs import PRESETS
 
-    specs = [Subject(p, d) for p in PRESETS if p != "fp32" for d in ("float16", "bfloat16")]
-    specs.append(Subject("fp32", "float32"))
+    specs = [Subject(variant=p, dtype=d) for p in PRESETS if p != "fp32"
+             for d in ("float16", "bfloat16")]
+    specs.append(Subject(variant="fp32", dtype="float32"))
     return st.lists(st.sampled_from(specs), min_size=min_size, max_size=max_size, unique=True)

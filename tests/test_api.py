@@ -19,7 +19,8 @@ def test_parity_compare_is_the_long_frame(tiny_checkpoints):
     # the same figures as the engine's own call on the same inputs
     ckpt = load_checkpoint(path)
     direct = compare(ckpt, default_batch(ckpt.config, 16),
-                     [Subject(v, d) for v in ("hf", "meg") for d in ("float16", "bfloat16")],
+                     [Subject(variant=v, dtype=d) for v in ("hf", "meg")
+                      for d in ("float16", "bfloat16")],
                      label=path.name)
     pd.testing.assert_frame_equal(df.reset_index(drop=True), direct.reset_index(drop=True))
 

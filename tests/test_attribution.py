@@ -69,7 +69,7 @@ def test_the_knob_that_matters_removes_the_overflow(ckpts, family, variant, knob
     # after the flip the subject is healthy: every site within budget, in both modes
     for k in knobs:
         flipped = f"{variant}+{k}={_show(PRECISE[k])}"
-        df = compare(ck, inp, [Subject(flipped, "float16")], label="stress")
+        df = compare(ck, inp, [Subject(variant=flipped, dtype="float16")], label="stress")
         assert overall(df) == "pass", flipped
 
 
@@ -163,7 +163,8 @@ def test_pair_divergence_finds_where_matmul_then_scale_overflows(ckpts):
     ck, inp = ckpts("gpt2", "stress")
     df = pair_divergence(ck, inp, "hf", "hf+attn_scores=baddbmm", "float16")
     first_diff = df[~df["identical"]].iloc[0]
-    flagged = first_divergent(compare(ck, inp, [Subject("hf", "float16")], label="stress",
+    flagged = first_divergent(compare(ck, inp, [Subject(variant="hf", dtype="float16")],
+                                      label="stress",
                                       modes=("accumulated",)), "accumulated")
     assert first_diff["site"] == flagged["site"].iloc[0]
     assert first_diff["site"].endswith(".attn.scores")

@@ -65,7 +65,7 @@ def first(df, mode):
 def test_healthy_presets_stay_within_budget_on_many_seeds(ckpts, family):
     """Every preset in fp16 and bf16 on tiny checkpoints of three seeds (weights and tokens):
     no site fails or overflows, in either mode."""
-    subjects = [Subject(v, d) for v in PRESETS for d in HALVES]
+    subjects = [Subject(variant=v, dtype=d) for v in PRESETS for d in HALVES]
     for seed in SEEDS:
         df = run(ckpts(family, seed=seed), subjects, seed=seed)
         bad = df[df["verdict"].isin(["fail", "overflow"])]
@@ -98,7 +98,8 @@ def _cases():
 
 @pytest.mark.parametrize("cls,family,dtype,sites", list(_cases()))
 def test_planted_bug_is_flagged_at_its_layer(ckpts, cls, family, dtype, sites):
-    df = run(ckpts(family), [Subject("hf", dtype)], model_factory=Mu.factory(cls, PLANTED))
+    df = run(ckpts(family), [Subject(variant="hf", dtype=dtype)],
+             model_factory=Mu.factory(cls, PLANTED))
     assert overall(df) == "fail"
     site, layer, v = first(df, "local")
     assert layer == PLANTED and site in {f"blocks.{PLANTED}.{s}" for s in sites}, (site, v)
@@ -119,7 +120,7 @@ def test_missing_upcast_on_gpt_neo_stress_is_flagged_at_its_layer(ckpts):
     """GPT-Neo's unscaled scores need HF's fp32 upcast; the mutant computes and stores them in
     fp16 in one layer: the scores of that layer cannot be held (overflow), and the non-finite
     values that follow are classified as that overflow's consequence."""
-    df = run(ckpts("gpt_neo", "stress"), [Subject("hf", "float16")], "stress",
+    df = run(ckpts("gpt_neo", "stress"), [Subject(variant="hf", dtype="float16")], "stress",
              model_factory=Mu.factory(Mu.NoUpcast, PLANTED))
     assert overall(df) == "overflow"  # what follows inherits it: overflow, not a parity failure
     site = f"blocks.{PLANTED}.attn.scores"
@@ -135,7 +136,8 @@ def test_missing_upcast_on_gpt_neo_stress_is_flagged_at_its_layer(ckpts):
 def test_gpt2_stress_fp16_hf_overflows_raw_scores_meg_does_not(ckpts):
     """HF GPT-2 computes q.k^T in fp16 and scales afterwards: the raw product passes 65504 where
     the scaled scores fit. Megatron's baddbmm scales inside the GEMM and stays finite."""
-    df = run(ckpts("gpt2", "stress"), [Subject("hf", "float16"), Subject("meg", "float16")],
+    df = run(ckpts("gpt2", "stress"), [Subject(variant="hf", dtype="float16"),
+                                       Subject(variant="meg", dtype="float16")],
              "stress")
     hf, meg = df[df["variant"] == "hf"], df[df["variant"] == "meg"]
     for mode in MODES:
@@ -151,8 +153,8 @@ def test_gpt2_stress_fp16_hf_overflows_raw_scores_meg_does_not(ckpts):
 
 
 def test_gpt_neo_stress_fp16_naive_half_overflows_hf_upcast_passes(ckpts):
-    df = run(ckpts("gpt_neo", "stress"), [Subject("naive-half", "float16"),
-                                          Subject("hf", "float16")], "stress")
+    df = run(ckpts("gpt_neo", "stress"), [Subject(variant="naive-half", dtype="float16"),
+                                          Subject(variant="hf", dtype="float16")], "stress")
     naive, hf = df[df["variant"] == "naive-half"], df[df["variant"] == "hf"]
     for mode in MODES:
         assert first(naive, mode) == ("blocks.0.attn.scores", 0, "overflow")
@@ -281,7 +283,7 @@ def test_an_override_changes_a_verdict_in_compare(ckpts, tmp_path):
     path = tmp_path / "strict.toml"
     path.write_text(GOOD_DEFAULTS + '[[overrides]]\nsite = "blocks.*.attn.*"\n'
                     'floor_ratio_warn = 0\nfloor_ratio_fail = 0\nreason = "strict"\n')
-    df = run(ckpts("gpt2"), [Subject("meg", "float16")], modes=("local",),
+    df = run(ckpts("gpt2"), [Subject(variant="meg", dtype="float16")], modes=("local",),
              policy=B.load_policy(str(path)))
     attn = df[df["kind"].str.startswith("attn.")]
     rest = df[~df["kind"].str.startswith("attn.")]
@@ -292,7 +294,8 @@ def test_an_override_changes_a_verdict_in_compare(ckpts, tmp_path):
 # ----------------------------------------------------------------------------- the frame
 def test_frame_has_the_columns_and_one_row_per_site_mode_subject(ckpts):
     ck = ckpts("gptj")
-    subjects = [Subject("hf", "float16"), Subject("meg", "bfloat16"), Subject("sdpa", "float16")]
+    subjects = [Subject(variant="hf", dtype="float16"), Subject(variant="meg", dtype="bfloat16"),
+                Subject(variant="sdpa", dtype="float16")]
     df = run(ck, subjects)
     assert list(df.columns) == COLUMNS
     assert str(df["layer"].dtype) == "Int64"

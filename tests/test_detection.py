@@ -50,7 +50,7 @@ def bench(tmp_path_factory):
             ck = ckpt(family, "stress" if check == "stress" else "tiny")
             runner = C.RUNNERS["layers" if check == "stress" else check]
             inp = default_batch(ck.config, D.LENGTH["stress" if check == "stress" else "tiny"])
-            frames[key] = runner(ck, inp, [Subject("hf", dtype)], label=check,
+            frames[key] = runner(ck, inp, [Subject(variant="hf", dtype=dtype)], label=check,
                                  model_factory=spec and spec.factory(ck.config))
         return frames[key]
 

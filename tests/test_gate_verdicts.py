@@ -335,12 +335,13 @@ def test_a_limit_is_printed_with_enough_digits():
 def test_the_float64_row_of_a_policy_is_honoured(tiny_checkpoints, tmp_path):
     ck = load_checkpoint(tiny_checkpoints["gpt2"])
     inp = default_batch(ck.config, 8, seed=0)
-    builtin = compare(ck, inp, [Subject("hf", "float64")], modes=("accumulated",))
+    builtin = compare(ck, inp, [Subject(variant="hf", dtype="float64")], modes=("accumulated",))
     assert set(builtin["verdict"]) == {"pass"}
     policy = B.load_policy()
     strict = dict(policy, defaults=dict(policy["defaults"], float64=dict(
         policy["defaults"]["float64"], rel_l2_max=0.0)))
-    df = compare(ck, inp, [Subject("hf", "float64")], modes=("accumulated",), policy=strict)
+    df = compare(ck, inp, [Subject(variant="hf", dtype="float64")], modes=("accumulated",),
+                 policy=strict)
     moved = df[df["rel_l2"] > 0]
     assert len(moved) and set(moved["verdict"]) == {"fail"}
 

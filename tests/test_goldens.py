@@ -173,15 +173,15 @@ def test_changed_fast_path_fails_only_the_goldens_it_touches(gdir, monkeypatch):
     """pow(x, 3) rounded once instead of CUDA's twice: only the emulated eager gelu_new moves."""
     monkeypatch.setattr(fast.Numerics, "pow3", lambda self, x: self.r(torch.pow(x, 3.0)))
     results = goldens.check(gdir, ["gpt2"])
-    failed = {r.path for r in results if r.status == "fail"}
+    failed = {r.name for r in results if r.verdict == "fail"}
     assert failed == {"gpt2/fast-hf-float16-cpu-emulated.safetensors",
                       "gpt2/fast-hf-bfloat16-cpu-emulated.safetensors"}
     for r in results:
-        if r.status == "fail":
+        if r.verdict == "fail":
             # the first site the changed gelu reaches, in execution order
-            assert r.message.startswith(f"FAIL {r.path}: site blocks.0.resid_post max rel ")
-            assert "ULP of" in r.message
-            assert "golden_fast_ulp" in r.message
+            assert r.detail.startswith(f"FAIL {r.name}: site blocks.0.resid_post max rel ")
+            assert "ULP of" in r.detail
+            assert "golden_fast_ulp" in r.detail
 
 
 def test_update_records_a_change_and_check_then_passes(gdir, monkeypatch):
@@ -190,7 +190,7 @@ def test_update_records_a_change_and_check_then_passes(gdir, monkeypatch):
                              log=lambda *_: None)
     assert changed == [REF]
     assert manifest(gdir)["history"][-1]["changed"] == [REF]
-    assert all(r.status == "pass" for r in goldens.check(gdir, ["gptmeg"]))
+    assert all(r.verdict == "pass" for r in goldens.check(gdir, ["gptmeg"]))
 
 
 def test_hand_edited_value_with_resealed_manifest_fails_at_that_site(gdir, capsys):
@@ -219,7 +219,7 @@ def test_update_repairs_a_corrupted_golden(gdir):
     b[-1] ^= 0x01
     p.write_bytes(bytes(b))
     assert goldens.update(gdir, families=["gptmeg"], reason="repair", log=lambda *_: None) == [REF]
-    assert all(r.status == "pass" for r in goldens.check(gdir))
+    assert all(r.verdict == "pass" for r in goldens.check(gdir))
 
 
 @pytest.mark.parametrize("stale", ["missing file", "extra file", "sha256 edited", "no manifest",
@@ -310,7 +310,7 @@ def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
         goldens.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
     assert len(calls) == 3 and snapshot(gdir) == before
     monkeypatch.undo()
-    assert all(r.status == "pass" for r in goldens.check(gdir))
+    assert all(r.verdict == "pass" for r in goldens.check(gdir))
 
 
 # ------------------------------------------------------------------------------ device classes
@@ -325,15 +325,15 @@ def test_goldens_of_other_device_classes_are_skipped_with_the_device_they_need(g
     rewrite(gdir, rel, meta_fn=lambda md: md.update(device_class="cuda-sm90"))
     monkeypatch.setattr(goldens, "cuda_class", lambda: None)
     monkeypatch.setattr(goldens, "cpu_fingerprint", lambda: "x86_64 SOMEOTHERCPU")
-    by = {r.path: r for r in goldens.check(gdir, ["gpt2"])}
-    assert by[rel].status == "skip" and "cuda-sm90" in by[rel].message
-    assert "compute capability 9.0" in by[rel].message
+    by = {r.name: r for r in goldens.check(gdir, ["gpt2"])}
+    assert by[rel].verdict == "skip" and "cuda-sm90" in by[rel].detail
+    assert "compute capability 9.0" in by[rel].detail
     for path, r in by.items():
         if path.endswith("cpu-native.safetensors"):  # native CPU kernels differ by CPU kind
-            assert r.status == "skip" and "needs a CPU like the one that made it" in r.message
+            assert r.verdict == "skip" and "needs a CPU like the one that made it" in r.detail
         if path.endswith("cpu-emulated.safetensors"):  # checked, to a budget for another CPU
-            assert r.status == "pass" and "golden_cpu_emulated_other_cpu" in r.message
-    assert by["gpt2/reference-float64.safetensors"].status == "pass"
+            assert r.verdict == "pass" and "golden_cpu_emulated_other_cpu" in r.detail
+    assert by["gpt2/reference-float64.safetensors"].verdict == "pass"
 
 
 def test_update_refuses_a_device_class_this_machine_lacks(gdir, monkeypatch):
@@ -368,12 +368,12 @@ def test_committed_goldens_reproduce(request):
     if request.config.getoption("--update-golden"):
         goldens.update(goldens.DEFAULT_DIR, reason="pytest --update-golden")
     results = goldens.check(goldens.DEFAULT_DIR)
-    failed = [r.message for r in results if r.status == "fail"]
+    failed = [r.detail for r in results if r.verdict == "fail"]
     assert not failed, "\n".join(failed)
     refs = [r for r in results if r.spec.impl == "reference"]
     assert {r.spec.family for r in refs} == set(reference.FAMILIES)
-    assert all(r.status == "pass" for r in refs)
-    assert any(r.status == "pass" and r.spec.device_class == "cpu-emulated" for r in results)
+    assert all(r.verdict == "pass" for r in refs)
+    assert any(r.verdict == "pass" and r.spec.device_class == "cpu-emulated" for r in results)
 
 
 @pytest.mark.golden
@@ -417,9 +417,9 @@ def test_foreign_float32_golden_passes_and_a_planted_change_fails(tiny_checkpoin
     assert rows["logits"]["status"] == "fail"
     assert rows["logits"]["rel"] > tolerance("golden_float32")
     verdict = goldens.summarize_foreign(list(rows.values()))
-    assert verdict["verdict"] == "fail" and verdict["detail"].startswith("logits: max rel error")
-    assert verdict["figures"]["worst_site"] == "logits" and verdict["figures"]["sites_failed"] == 1
-    assert goldens.summarize_foreign(goldens.check_foreign_golden(good, ck))["verdict"] == "pass"
+    assert verdict.verdict == "fail" and verdict.detail.startswith("logits: max rel error")
+    assert verdict.figures["worst_site"] == "logits" and verdict.figures["sites_failed"] == 1
+    assert goldens.summarize_foreign(goldens.check_foreign_golden(good, ck)).verdict == "pass"
     assert run_cli(capsys, "check", "--file", good, "--checkpoint", ck)[0] == 0
     rc, out, _ = run_cli(capsys, "check", "--file", bad, "--checkpoint", ck)
     assert rc == 1 and "FAIL" in out and "logits" in out

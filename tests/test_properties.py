@@ -43,7 +43,8 @@ HALVES = ("float16", "bfloat16")
 FAST = tuple(p for p in PRESETS if p != "fp32")
 # every fast preset in both half dtypes, and the fp32 preset (which runs in float32 whatever the
 # dtype asked for, so it is one subject)
-SUBJECTS = [Subject(p, d) for p in FAST for d in HALVES] + [Subject("fp32", "float32")]
+SUBJECTS = ([Subject(variant=p, dtype=d) for p in FAST for d in HALVES]
+            + [Subject(variant="fp32", dtype="float32")])
 BAD = ("fail", "overflow")
 
 
@@ -203,9 +204,9 @@ def test_decisive_flips_are_counted(tiny_checkpoints):
     ck = load_checkpoint(tiny_checkpoints["gptj"])
     inp, policy = default_batch(ck.config, 16), B.load_policy()
     for mode in ("accumulated", "local"):
-        assert decisive_flips(ck, inp, Subject("hf", "float16"), mode, policy,
+        assert decisive_flips(ck, inp, Subject(variant="hf", dtype="float16"), mode, policy,
                               LmHeadBiasDropped) > 0
-        assert decisive_flips(ck, inp, Subject("hf", "float16"), mode, policy) == 0
+        assert decisive_flips(ck, inp, Subject(variant="hf", dtype="float16"), mode, policy) == 0
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -259,7 +260,7 @@ def test_the_batch_check_sees_a_leaking_pad(tiny_checkpoints):
     from parity.checkpoints.inputs import default_batch
 
     inp = default_batch(ck.config, 12)
-    df = C.batch_check(ck, inp, [Subject("hf", "float16")], model_factory=PadsLeak)
+    df = C.batch_check(ck, inp, [Subject(variant="hf", dtype="float16")], model_factory=PadsLeak)
     padded = df[df["case"] == "row 1 (3 pads)"]
     assert padded["verdict"].isin(BAD).any()
     assert set(df[df["case"] == "row 0 (0 pads)"]["verdict"]) == {"pass"}
@@ -316,7 +317,7 @@ def test_overflow_example_names_site_and_magnitude(save):
     from parity.checkpoints.inputs import default_batch
 
     df = compare(save(raw, weights), default_batch(cfg, 8),
-                 [Subject("hf", "float16"), Subject("hf", "bfloat16")])
+                 [Subject(variant="hf", dtype="float16"), Subject(variant="hf", dtype="bfloat16")])
     half = df[df["dtype"] == "float16"]
     for mode in ("accumulated", "local"):
         f = first_divergent(half, mode)

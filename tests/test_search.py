@@ -72,7 +72,7 @@ def test_a_real_saturated_softmax_does_not_make_the_worst_floor_ratio():
                              {"embed": 64, "mlp": 64, "qk": 64})
     ids = np.array([[181, 511, 100, 267, 100, 511, 227, 511, 84, 395, 0, 511, 99]])
     df = compare(ck, Inputs(ids, np.ones_like(ids), np.arange(13)[None]),
-                 [Subject("hf", "bfloat16")], label="search")
+                 [Subject(variant="hf", dtype="bfloat16")], label="search")
     # the saturated rows are ones bf16 cannot resolve: compare no longer judges them
     # (attention_resolvable), so no giant ratio is formed at all, and the search's figure is the
     # worst measured one

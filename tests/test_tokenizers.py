@@ -252,7 +252,7 @@ def test_layouts_agree(tok_dirs, kind):
         assert fast.encode(text) == slow.encode(text), text
     r = tc.check_tokenizer(tok_dirs[kind, "slow"], [*tc.BUILTIN_TEXTS, *corpus(12, 60)],
                            subject=tc.build_tokenizer(tok_dirs[kind, "slow"]))
-    assert r["verdict"] == "pass", r["detail"]
+    assert r.verdict == "pass", r.detail
 
 
 def test_gptj_extra_tokens(tok_dirs, pairs):
@@ -362,14 +362,14 @@ def test_planted_bug_is_caught(tok_dirs, pairs, name):
     sample = [*tc.BUILTIN_TEXTS, *corpus(5, 150), "extra <|extratoken_42|>x<unk>",
               "hyph\u00ad\u00e9n\u00edte"]
     healthy = tc.check_tokenizer(tok_dirs[kind, "all"], sample, subject=sub, reference=ref)
-    assert healthy["verdict"] == "pass", healthy["detail"]
+    assert healthy.verdict == "pass", healthy.detail
     r = tc.check_tokenizer(tok_dirs[kind, "all"], sample, subject=sub, reference=plant(ref))
-    assert r["verdict"] == "fail"
-    first = r["figures"]["first_difference"]
+    assert r.verdict == "fail"
+    first = r.figures["first_difference"]
     text = sample[first["text"]]
     assert text[first["start"]:first["end"]] == first["span"]
-    assert f"text {first['text']} token {first['index']}" in r["detail"]
-    assert repr(first["span"][:40]) in r["detail"] or "..." in r["detail"]
+    assert f"text {first['text']} token {first['index']}" in r.detail
+    assert repr(first["span"][:40]) in r.detail or "..." in r.detail
 
 
 def test_first_difference_points_at_the_token():
@@ -392,16 +392,16 @@ def test_first_difference_points_at_the_token():
 # ----------------------------------------------------------------------------- the gate row
 def test_gate_check_skips_without_tokenizer_files(tmp_path):
     r = tc.gate_check(tmp_path)
-    assert r["verdict"] == "skip" and "no tokenizer files" in r["detail"]
+    assert r.verdict == "skip" and "no tokenizer files" in r.detail
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gate_check_passes_on_tokenizer_json(tok_dirs, kind):
     r = tc.gate_check(tok_dirs[kind, "all"], prompts_texts=["A prompt, with 2 numbers.", "b"])
-    assert r["verdict"] == "pass", r["detail"]
-    assert r["figures"]["prompts"] == 2
-    assert r["figures"]["texts"] == 2 + len(tc.BUILTIN_TEXTS)
-    assert r["figures"]["encode_differences"] == 0
+    assert r.verdict == "pass", r.detail
+    assert r.figures["prompts"] == 2
+    assert r.figures["texts"] == 2 + len(tc.BUILTIN_TEXTS)
+    assert r.figures["encode_differences"] == 0
 
 
 def test_gate_check_fails_on_a_loader_that_drops_endoftext(tok_dirs):
@@ -415,15 +415,15 @@ def test_gate_check_fails_on_a_loader_that_drops_endoftext(tok_dirs):
     sub.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     sub.decoder = decoders.ByteLevel()
     r = tc.gate_check(d, prompts_texts=["x<|endoftext|>y"], subject=sub)
-    assert r["verdict"] == "fail"
-    assert r["figures"]["first_difference"]["text"] == 0
-    assert "'<|endoftext|>'" in r["detail"]
+    assert r.verdict == "fail"
+    assert r.figures["first_difference"]["text"] == 0
+    assert "'<|endoftext|>'" in r.detail
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gate_check_passes_on_the_slow_layout(tok_dirs, kind):
     r = tc.gate_check(tok_dirs[kind, "slow"])
-    assert r["verdict"] == "pass", r["detail"]
+    assert r.verdict == "pass", r.detail
 
 
 def test_gate_check_skips_a_pipeline_outside_the_reference(tmp_path):
@@ -433,7 +433,7 @@ def test_gate_check_skips_a_pipeline_outside_the_reference(tmp_path):
     Tokenizer(WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(
         str(tmp_path / "tokenizer.json"))
     r = tc.gate_check(tmp_path)
-    assert r["verdict"] == "skip" and "WordPiece" in r["detail"]
+    assert r.verdict == "skip" and "WordPiece" in r.detail
 
 
 def test_unreadable_files_are_bad_input_and_a_failing_row(tmp_path):
@@ -444,7 +444,7 @@ def test_unreadable_files_are_bad_input_and_a_failing_row(tmp_path):
     with pytest.raises(ParityError, match="merges.txt line 2"):
         tc.check_tokenizer(tmp_path, ["a"])
     r = tc.gate_check(tmp_path)
-    assert r["verdict"] == "fail" and "merges.txt line 2" in r["detail"]
+    assert r.verdict == "fail" and "merges.txt line 2" in r.detail
 
 
 def test_prompt_texts_keeps_the_text_lines(tmp_path):

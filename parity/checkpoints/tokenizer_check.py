@@ -26,7 +26,10 @@ from pathlib import Path
 
 from reference import tokenizers as rt
 
+from parity.engine.verdicts import Result
 from parity.errors import ParityError, TokenizerMissing
+
+NAME = "tokenizer"  # the gate's row
 
 UNICODE_PINS_FILE = Path(rt.__file__).with_name("tokenizer_unicode.py")
 
@@ -145,20 +148,20 @@ def compare_texts(reference, subject, texts, decode: bool = True) -> dict:
     return out
 
 
-def check_tokenizer(ckpt_dir: str | Path, texts, subject=None, reference=None) -> dict:
+def check_tokenizer(ckpt_dir: str | Path, texts, subject=None, reference=None) -> Result:
     """Reference vs `tokenizers` on `texts`: verdict pass (no difference) / fail (the first
     differing token and its span in `detail`) / skip (no tokenizer files, or a pipeline the
     reference does not cover). `subject` defaults to the gate's tokenizer (`gate_subject`),
     `reference` to `reference.tokenizers.load(ckpt_dir)`."""
     ckpt_dir = Path(ckpt_dir)
     if not rt.has_tokenizer_files(ckpt_dir):
-        return {"verdict": "skip", "detail": "no tokenizer files (tokenizer.json, or vocab.json "
-                "+ merges.txt): tokenizer not checked", "figures": {}}
+        return Result(name=NAME, verdict="skip", detail="no tokenizer files (tokenizer.json, or "
+                      "vocab.json + merges.txt): tokenizer not checked")
     try:
         reference = reference or rt.load(ckpt_dir)
     except rt.UnsupportedTokenizer as e:
-        return {"verdict": "skip", "detail": f"tokenizer not covered by the reference: {e}",
-                "figures": {}}
+        return Result(name=NAME, verdict="skip",
+                      detail=f"tokenizer not covered by the reference: {e}")
     except (OSError, ValueError) as e:
         raise ParityError(f"{ckpt_dir}: tokenizer files unreadable ({e})") from None
     subject = subject or gate_subject(ckpt_dir)
@@ -182,11 +185,12 @@ def check_tokenizer(ckpt_dir: str | Path, texts, subject=None, reference=None) -
     if note:
         figures["unicode_pins"] = note
     if problems:
-        return {"verdict": "fail", "detail": "; ".join(problems + [note] * bool(note)),
-                "figures": figures}
-    return {"verdict": "pass", "detail": f"{reference.kind} tokenizer: {r['texts']} texts, "
-            f"{r['tokens']} tokens, reference and tokenizers agree (encode and decode)"
-            + (f"; {note}" if note else ""), "figures": figures}
+        return Result(name=NAME, verdict="fail", figures=figures,
+                      detail="; ".join(problems + [note] * bool(note)))
+    return Result(name=NAME, verdict="pass", figures=figures,
+                  detail=f"{reference.kind} tokenizer: {r['texts']} texts, {r['tokens']} tokens, "
+                         f"reference and tokenizers agree (encode and decode)"
+                         + (f"; {note}" if note else ""))
 
 
 # A few dozen varied lines: the gate runs them on every checkpoint with tokenizer files. Each
@@ -247,7 +251,7 @@ def prompt_texts(path: str | Path | None) -> list[str]:
             .isdigit()]
 
 
-def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> dict:
+def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> Result:
     """The gate's tokenizer row: skip when the checkpoint has no tokenizer files; otherwise the
     reference against the gate's tokenizer on the text prompts (if any) and `BUILTIN_TEXTS`,
     failing on any difference with the first differing token and its span, and on tokenizer
@@ -256,8 +260,8 @@ def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> dict:
     try:
         r = check_tokenizer(ckpt_dir, texts, subject=subject)
     except ParityError as e:  # unreadable tokenizer files: a failing row, as the structure
-        return {"verdict": "fail", "detail": str(e), "figures": {}}  # check's vocabulary does
-    r["figures"]["prompts"] = len(texts) - len(BUILTIN_TEXTS)
+        return Result(name=NAME, verdict="fail", detail=str(e))  # check's vocabulary does
+    r.figures["prompts"] = len(texts) - len(BUILTIN_TEXTS)
     return r
 
 
@@ -398,5 +402,5 @@ def cmd_tokenizer(a) -> int:
     texts = (Path(a.texts).read_text(encoding="utf-8").splitlines() if a.texts
              else BUILTIN_TEXTS)
     r = check_tokenizer(a.checkpoint, texts)
-    print(f"{r['verdict']}: {r['detail']}")
-    return {"pass": 0, "skip": 0, "fail": 1}[r["verdict"]]
+    print(f"{r.verdict}: {r.detail}")
+    return {"pass": 0, "skip": 0, "fail": 1}[r.verdict]

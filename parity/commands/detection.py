@@ -93,7 +93,7 @@ class Bench:
         key = (family, dtype)
         if factory is None and key in self._healthy:
             return self._healthy[key]
-        subj = [Subject("hf", dtype)]
+        subj = [Subject(variant="hf", dtype=dtype)]
         tiny, stress = self.ckpt(family, "tiny"), self.ckpt(family, "stress")
         out = {}
         inp = default_batch(tiny.config, LENGTH["tiny"])

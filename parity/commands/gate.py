@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import reference
 from parity.engine import budgets as B
 from parity.checkpoints.checkpoint import Checkpoint, open_checkpoint
 from parity.engine.compare import FAILING, Subject, overall, token_rows, wide_sites
+from parity.engine.verdicts import Result
 from parity.errors import ParityError, TokenizerMissing
 from parity.files import atomic_write
 from parity.goldens.io import read_golden
@@ -39,20 +40,8 @@ GPTJ_PADDING = re.compile(r"^<\|extratoken_(\d+)\|>$")
 
 
 @dataclass
-class Check:
-    name: str
-    verdict: str  # pass | warn | fail | skip
-    detail: str = ""
-    figures: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"check": self.name, "verdict": self.verdict, "detail": self.detail,
-                "figures": self.figures}
-
-
-@dataclass
 class GateResult:
-    checks: list[Check]
+    checks: list[Result]
     divergence: pd.DataFrame
     meta: dict
 
@@ -79,7 +68,7 @@ class GateResult:
 
 
 # ----------------------------------------------------------------------------- structure
-def structure_check(ckpt: Checkpoint, progress=None) -> Check:
+def structure_check(ckpt: Checkpoint, progress=None) -> Result:
     """A readable checkpoint that does not match its config (missing, unexpected or mis-shaped
     weights, a stored head that a tied config would ignore) or holds non-finite values fails
     here, with the report and JUnit file still written; only unreadable input is an error."""
@@ -91,7 +80,8 @@ def structure_check(ckpt: Checkpoint, progress=None) -> Check:
     problems = ckpt.structure_problems()
     if problems:
         figures["structure_problems"] = len(problems)
-        return Check("structure", "fail", "; ".join(problems), figures)
+        return Result(name="structure", verdict="fail", detail="; ".join(problems),
+                      figures=figures)
     bad = []
     for n, name in enumerate(reference.param_shapes(ckpt.config)):
         t = ckpt.tensor(name)
@@ -109,8 +99,9 @@ def structure_check(ckpt: Checkpoint, progress=None) -> Check:
     problems += vocab["problems"]
     notes += vocab["notes"]
     verdict = "fail" if problems else ("warn" if vocab["warn"] else "pass")
-    return Check("structure", verdict, "; ".join(problems + notes) or "all weights present, "
-                 "shaped as the config says, finite", figures)
+    return Result(name="structure", verdict=verdict, figures=figures,
+                  detail="; ".join(problems + notes)
+                  or "all weights present, shaped as the config says, finite")
 
 
 def vocabulary_check(ckpt: Checkpoint) -> dict:
@@ -146,7 +137,7 @@ def vocabulary_check(ckpt: Checkpoint) -> dict:
 
 
 # ----------------------------------------------------------------------------- goldens
-def golden_check(ckpt: Checkpoint, path: str) -> Check:
+def golden_check(ckpt: Checkpoint, path: str) -> Result:
     """One row per golden file, with `goldens.summarize_foreign`'s verdict (the same one
     `parity golden check --file` gives: a golden with no comparable site fails). A stored site
     whose shape does not fit the checkpoint is bad input (a golden of another model), not a
@@ -159,14 +150,15 @@ def golden_check(ckpt: Checkpoint, path: str) -> Check:
         r = misfit[0]
         raise ParityError(f"{path}: {r['site']} has shape {r['shape']}, the checkpoint gives "
                           f"{r['misfit']} (a golden of another model?)")
-    s = summarize_foreign(rows)
-    figures = {k: (_f(v) if isinstance(v, float) else v) for k, v in s["figures"].items()}
-    return Check(f"golden:{Path(path).name}", s["verdict"], f"{path}: {s['detail']}", figures)
+    s = summarize_foreign(rows, name=f"golden:{Path(path).name}")
+    s.figures = {k: (_f(v) if isinstance(v, float) else v) for k, v in s.figures.items()}
+    s.detail = f"{path}: {s.detail}"
+    return s
 
 
 # ----------------------------------------------------------------------------- subject
 def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: dict,
-                  impl: str, progress=None) -> tuple[Check, pd.DataFrame, dict]:
+                  impl: str, progress=None) -> tuple[Result, pd.DataFrame, dict]:
     if impl == "fast":
         from parity.subjects.fast import FastModel
         from parity.engine.lockstep import lockstep
@@ -224,7 +216,7 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
               + (f"; not exposed by the subject: {figures['not_exposed']}" if hidden else "")
               + ("; top-1 not measured (no decisive rows)" if pd.isna(logits["top1"]) else ""))
     verdict = {"pass": "pass", "warn": "warn"}.get(v, "fail")
-    return Check("subject", verdict, detail, figures), df, meta
+    return Result(name="subject", verdict=verdict, detail=detail, figures=figures), df, meta
 
 
 def _hf_variant(subject: Subject) -> str | None:
@@ -242,7 +234,7 @@ def _determinism_site(site: str) -> bool:
 
 
 def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: str,
-                      first: dict | None = None) -> Check:
+                      first: dict | None = None) -> Result:
     """Two subject runs, block outputs and logits compared bitwise (`first`: the sites kept from
     the subject check's own run, so only one more run is made). The fast path reads its weights
     layer by layer again (no cache), so memory stays flat here too."""
@@ -268,10 +260,12 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
     diff = [s for s in a.sites if s not in b.sites
             or not np.array_equal(a.sites[s], b.sites[s], equal_nan=True)]
     if diff:
-        return Check("determinism", "fail", f"two runs differ at {len(diff)} sites, first "
-                     f"{diff[0]}", {"sites_checked": len(a.sites), "sites_differing": len(diff)})
-    return Check("determinism", "pass", f"two runs bitwise identical at {len(a.sites)} sites",
-                 {"sites_checked": len(a.sites), "sites_differing": 0})
+        return Result(name="determinism", verdict="fail",
+                      detail=f"two runs differ at {len(diff)} sites, first {diff[0]}",
+                      figures={"sites_checked": len(a.sites), "sites_differing": len(diff)})
+    return Result(name="determinism", verdict="pass",
+                  detail=f"two runs bitwise identical at {len(a.sites)} sites",
+                  figures={"sites_checked": len(a.sites), "sites_differing": 0})
 
 
 def _kinds(sites: list[str]) -> list[str]:
@@ -321,14 +315,15 @@ def load_prompts(path: str, ckpt: Checkpoint) -> Inputs:
 
 
 # ----------------------------------------------------------------------------- the gate
-def enforce_requirements(checks: list[Check], require: list[str], source: str) -> None:
+def enforce_requirements(checks: list[Result], require: list[str], source: str) -> None:
     """A check the policy requires (`[gate] require`) may not be skipped: its skip becomes a
     fail that says so. `golden` requires at least one --golden file."""
     for name in require:
         mine = [c for c in checks if c.name == name or c.name.startswith(name + ":")]
         if not mine:
-            checks.append(Check(name, "fail", f"required by the policy ({source}: [gate] "
-                                f"require) but not run: no --{name} given"))
+            checks.append(Result(name=name, verdict="fail",
+                                 detail=f"required by the policy ({source}: [gate] require) "
+                                        f"but not run: no --{name} given"))
         for c in mine:
             if c.verdict == "skip":
                 c.verdict = "fail"
@@ -348,24 +343,24 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     checks = [structure_check(ckpt, progress)]
     from parity.checkpoints import tokenizer_check
 
-    checks.append(Check("tokenizer", **tokenizer_check.gate_check(
-        ckpt.path, tokenizer_check.prompt_texts(prompts))))
+    checks.append(tokenizer_check.gate_check(ckpt.path, tokenizer_check.prompt_texts(prompts)))
     inputs = load_prompts(prompts, ckpt) if prompts else gate_batch(ckpt.config, seed=0)
     for g in goldens:
         if progress:
             progress(f"golden {g}")
         if checks[0].verdict == "fail":  # structure  # the reference cannot run on non-finite weights
             read_golden(g)  # a bad golden is still bad input
-            checks.append(Check(f"golden:{Path(g).name}", "skip",
-                                "not run: the structure check failed"))
+            checks.append(Result(name=f"golden:{Path(g).name}", verdict="skip",
+                                 detail="not run: the structure check failed"))
         else:
             checks.append(golden_check(ckpt, g))
     subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl)
     div = pd.DataFrame()
     meta = {}
     if checks[0].verdict == "fail":  # structure
-        checks.append(Check("subject", "skip", "not run: the structure check failed"))
-        checks.append(Check("determinism", "skip", "not run: the structure check failed"))
+        for name in ("subject", "determinism"):
+            checks.append(Result(name=name, verdict="skip",
+                                 detail="not run: the structure check failed"))
     else:
         c, div, meta = subject_check(ckpt, inputs, subject, policy, impl, progress)
         checks.append(c)

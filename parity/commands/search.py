@@ -257,7 +257,8 @@ def figures(df) -> dict:
 def evaluate(ckpt, inputs, variant: str, dtype: str, device: str = "cpu") -> dict:
     from parity.engine.compare import Subject, compare
 
-    df = compare(ckpt, inputs, [Subject(variant, dtype, device)], label="search")
+    df = compare(ckpt, inputs, [Subject(variant=variant, dtype=dtype, device=device)],
+                 label="search")
     return figures(df)
 
 

@@ -41,7 +41,7 @@ COLUMNS = ["family", "checkpoint", "variant", "dtype", "device", "emulate", "mod
            "budget_warn", "budget_fail", "verdict", "reason"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Subject:
     """One implementation under test: a fast-path variant (preset, optionally with knob
     overrides) in a dtype on a device."""
@@ -401,7 +401,8 @@ def run(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",), devic
         variants = [variants]
     if isinstance(dtypes, str):
         dtypes = [dtypes]
-    subjects = [Subject(v, normalize_dtype(d), device, emulate) for v in variants for d in dtypes]
+    subjects = [Subject(variant=v, dtype=normalize_dtype(d), device=device, emulate=emulate)
+                for v in variants for d in dtypes]
     if not isinstance(policy, dict):
         policy = B.load_policy(policy)
     return compare(ckpt, inputs, subjects, label=label or ckpt.path.name, modes=modes,

@@ -50,6 +50,7 @@ import numpy as np
 from reference.dtypes import DTYPES
 
 from parity.engine import budgets
+from parity.engine.verdicts import Result
 from parity.errors import ParityError
 from parity.files import temp_beside
 from parity.goldens.io import FORMAT, GOLDEN_DTYPES, INPUT_KEYS, read_golden
@@ -74,7 +75,7 @@ HALF_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16"
 
 
 # ----------------------------------------------------------------------------- what a golden is
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Spec:
     """The identity of one golden file."""
 
@@ -97,7 +98,8 @@ class Spec:
     @classmethod
     def from_entry(cls, path: str, e: dict) -> "Spec":
         try:
-            s = cls(e["family"], e["impl"], e["dtype"], e.get("variant"), e["device_class"])
+            s = cls(family=e["family"], impl=e["impl"], dtype=e["dtype"],
+                    variant=e.get("variant"), device_class=e["device_class"])
         except (KeyError, TypeError):
             raise ParityError(f"{MANIFEST}: entry {path!r} lacks family/impl/dtype/device_class")
         if s.path != path:
@@ -120,10 +122,11 @@ def plan(families=None, classes=None) -> list[Spec]:
     specs = []
     for fam in families:
         if "any" in classes:
-            specs.append(Spec(fam, "reference", "float64"))
+            specs.append(Spec(family=fam, impl="reference", dtype="float64"))
         for cls in classes:
             if cls != "any":
-                specs += [Spec(fam, "fast", dt, p, cls) for p in FAST_PRESETS for dt in HALF_DTYPES]
+                specs += [Spec(family=fam, impl="fast", dtype=dt, variant=p, device_class=cls)
+                          for p in FAST_PRESETS for dt in HALF_DTYPES]
     return specs
 
 
@@ -490,7 +493,8 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
     if bad:
         from reference.families import FAMILIES
 
-        s = Spec(FAMILIES[0], "fast", "float16", "hf", bad[0])  # any family: the class decides
+        s = Spec(family=FAMILIES[0], impl="fast", dtype="float16", variant="hf",
+                 device_class=bad[0])  # any family: the class decides
         raise ParityError(f"cannot generate device class {bad[0]!r} here: "
                           f"{unavailable(s, None) or 'not a device class of this machine'}")
     specs = plan(families, classes)
@@ -628,11 +632,11 @@ def dtype_of(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-@dataclass
-class FileResult:
-    path: str
-    status: str  # pass | fail | skip
-    message: str
+@dataclass(kw_only=True)
+class FileResult(Result):
+    """A committed golden file's check: `name` is its path in the golden folder, `verdict`
+    pass | fail | skip, `detail` the line `parity golden check` prints."""
+
     spec: Spec | None = None
     sites: list[SiteDiff] = field(default_factory=list)
     drift: str = ""  # the library that computes it differs from the golden's: say which
@@ -685,7 +689,7 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
         stored = {k: f.get_tensor(k) for k in f.keys()}
     why = unavailable(spec, meta.get("cpu"))
     if why:
-        return FileResult(rel, "skip", f"SKIP {rel}: {why}", spec)
+        return FileResult(name=rel, verdict="skip", detail=f"SKIP {rel}: {why}", spec=spec)
     try:
         recipe = json.loads(meta.get("recipe") or "{}")
         ckpt, wsha = ckpts.get(recipe["family"], recipe["preset"], int(recipe["seed"]))
@@ -732,18 +736,18 @@ def check_file(golden_dir: Path, rel: str, entry: dict, ckpts: Checkpoints) -> F
     lib = DRIFT_LIB[spec.impl]
     was, now = meta.get(lib, ""), LIB_VERSION[lib]()
     drift = f"{lib} {now} (golden made with {lib} {was or '?'})" if was != now else ""
-    res = FileResult(rel, "pass", "", spec, diffs, drift=drift)
+    res = FileResult(name=rel, verdict="pass", spec=spec, sites=diffs, drift=drift)
     if bad:
         first = bad[0]
         more = f"; {len(bad) - 1} more site(s) diverge: " + ", ".join(
             d.site for d in bad[1:6]) + (" ..." if len(bad) > 6 else "") if len(bad) > 1 else ""
-        res.status = "fail"
-        res.message = (f"FAIL {rel}: site {first.site} {first.describe()} > {bound}{more}"
+        res.verdict = "fail"
+        res.detail = (f"FAIL {rel}: site {first.site} {first.describe()} > {bound}{more}"
                        + "".join(f"; {n}" for n in notes))
     else:
         worst = max((d.rel for d in diffs), default=0.0)
         what = "bitwise" if all(d.changed == 0 for d in diffs) else f"max rel change {worst:.3g}"
-        res.message = (f"PASS {rel}: {len(diffs)} sites, {what} (limit {bound})"
+        res.detail = (f"PASS {rel}: {len(diffs)} sites, {what} (limit {bound})"
                        + "".join(f"; note: {n}" for n in notes))
     return res
 
@@ -876,15 +880,15 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
     return rows
 
 
-def summarize_foreign(rows: list[dict]) -> dict:
+def summarize_foreign(rows: list[dict], name: str = "golden") -> Result:
     """One verdict for a foreign golden (what `parity gate --golden` reports): `fail` if any
     site fails (or none could be compared), else `pass`; `detail` names the worst site and its
     error; `figures` holds the numbers."""
     compared = [r for r in rows if r["status"] != "skip"]
     failed = [r for r in compared if r["status"] == "fail"]
     if not compared:
-        return {"verdict": "fail", "detail": "no site of the golden could be compared",
-                "figures": {"sites": 0, "sites_skipped": len(rows)}}
+        return Result(name=name, verdict="fail", detail="no site of the golden could be compared",
+                      figures={"sites": 0, "sites_skipped": len(rows)})
     worst = max(compared, key=lambda r: (r["rel"] if not math.isnan(r["rel"]) else math.inf))
     tol = f"{compared[0]['tolerance_name']} = {compared[0]['tolerance']:g}"
     logits = [r["rel"] for r in compared if r["site"] == "logits"]
@@ -899,7 +903,7 @@ def summarize_foreign(rows: list[dict]) -> dict:
     else:
         detail = (f"{len(compared)} sites within {tol} of the float64 reference; worst "
                   f"{worst['site']} max rel {worst['rel']:.3g}")
-    return {"verdict": "fail" if failed else "pass", "detail": detail, "figures": figures}
+    return Result(name=name, verdict="fail" if failed else "pass", detail=detail, figures=figures)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -919,14 +923,14 @@ def cmd_golden(a) -> int:
         return _print_foreign([r for f in a.file for r in check_foreign_golden(f, a.checkpoint)])
     results = check(d, a.families)
     for r in results:
-        print(r.message)
-        if r.status != "skip" and (r.drift or a.show_drift):
+        print(r.detail)
+        if r.verdict != "skip" and (r.drift or a.show_drift):
             if r.drift:
                 print(f"  {r.drift}: drift per site")
             for s in r.sites:
                 print(f"  {s.site:32s} {s.dtype:9s} max ULP {s.max_ulp:<6g} max rel "
                       f"{s.rel:<10.3g} changed {s.changed}/{s.total}")
-    n = {k: sum(r.status == k for r in results) for k in ("pass", "fail", "skip")}
+    n = {k: sum(r.verdict == k for r in results) for k in ("pass", "fail", "skip")}
     print(f"golden check: {len(results)} goldens in {d}: {n['pass']} pass, {n['fail']} fail, "
           f"{n['skip']} skipped (this machine: {', '.join(local_classes())})")
     return 1 if n["fail"] else 0

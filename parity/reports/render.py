@@ -31,7 +31,7 @@ from reference.sites import block_output_site
 
 from parity.errors import ParityError
 from parity.files import atomic_write
-from parity.engine.verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst
+from parity.engine.verdicts import CHECK_VERDICTS, FAILING, NOT_DIVERGENT, VERDICTS, worst
 
 DIVERGENCE_COLUMNS = (
     "family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site", "layer",
@@ -413,7 +413,6 @@ def _run_blocks(run: dict) -> list:
                 (Cell(k), Cell(v)) for k, v in _flatten(stable))))]
 
 
-CHECK_VERDICTS = ("pass", "warn", "fail", "skip")
 
 
 def _checks_verdict(checks: list[dict]) -> str:
