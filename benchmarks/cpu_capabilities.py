@@ -144,7 +144,7 @@ def model_figures() -> dict:
 
 
 def golden_figures() -> dict:
-    from parity.goldens import store as goldens
+    from parity.goldens import check as goldens
 
     results = goldens.check(goldens.DEFAULT_DIR)
     counts: dict = {}

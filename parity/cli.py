@@ -297,7 +297,7 @@ def _now() -> str:
 
 
 def cmd_golden(a) -> int:
-    from parity.goldens.store import cmd_golden as run
+    from parity.goldens.check import cmd_golden as run
 
     return run(a)
 

@@ -177,7 +177,7 @@ def test_determinism_reruns_the_subject_that_was_judged(tiny_checkpoints, tmp_pa
 # ----------------------------------------------------------------------------- golden summary
 def test_the_gates_golden_row_fails_when_nothing_was_compared(tiny_checkpoints, monkeypatch):
     from parity.commands import gate as G
-    from parity.goldens import store as goldens
+    from parity.goldens import foreign as goldens
 
     rows = [{"site": "blocks.9.resid_post", "status": "skip", "reason": "not a site",
              "rel": math.nan, "tolerance_name": "golden_float64", "tolerance": 1e-12}]

@@ -1,4 +1,4 @@
-"""Golden activation files (parity/goldens/store.py): update, check, manifest, foreign goldens.
+"""Golden activation files (parity/goldens/): update, check, manifest, foreign goldens.
 
 What a user relies on: the committed goldens reproduce here (the regression test of the suite);
 a change of the reference or of the fast path fails the check with a message naming the file,
@@ -26,7 +26,7 @@ import reference
 import reference.ops as ops
 from parity import cli
 from parity.subjects import fast
-from parity.goldens import store as goldens
+from parity.goldens import check as gcheck, foreign, spec, store
 from parity.engine.budgets import tolerance
 from parity.checkpoints.checkpoint import load_checkpoint
 from parity.errors import ParityError
@@ -34,10 +34,18 @@ from parity.errors import ParityError
 FAMILIES = ["gpt2", "gptmeg"]  # a Conv1D family and its Megatron twin: enough for the flows
 
 
+def patch_everywhere(monkeypatch, name: str, value) -> None:
+    """Replace `name` in every golden module that holds it (they import each other's names)."""
+    hit = [m for m in (spec, store, gcheck, foreign) if hasattr(m, name)]
+    assert hit, name
+    for m in hit:
+        monkeypatch.setattr(m, name, value)
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("golden-made")
-    goldens.update(d, families=FAMILIES, reason="test", log=lambda *_: None)
+    store.update(d, families=FAMILIES, reason="test", log=lambda *_: None)
     return d
 
 
@@ -55,11 +63,11 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 
 def manifest(d: Path) -> dict:
-    return json.loads((d / goldens.MANIFEST).read_text())
+    return json.loads((d / spec.MANIFEST).read_text())
 
 
 def write_manifest(d: Path, m: dict) -> None:
-    (d / goldens.MANIFEST).write_text(json.dumps(m, indent=1))
+    (d / spec.MANIFEST).write_text(json.dumps(m, indent=1))
 
 
 def rewrite(d: Path, rel: str, tensors_fn=None, meta_fn=None, reseal=True) -> None:
@@ -73,10 +81,10 @@ def rewrite(d: Path, rel: str, tensors_fn=None, meta_fn=None, reseal=True) -> No
         tensors_fn(tensors)
     if meta_fn:
         meta_fn(meta)
-    p.write_bytes(goldens.serialize(tensors, meta))
+    p.write_bytes(store.serialize(tensors, meta))
     if reseal:
         m = manifest(d)
-        m["files"][rel]["sha256"] = goldens._sha(p)
+        m["files"][rel]["sha256"] = store._sha(p)
         write_manifest(d, m)
 
 
@@ -100,25 +108,25 @@ REF = "gptmeg/reference-float64.safetensors"
 def test_update_then_check_passes_and_the_manifest_describes_every_file(gdir, capsys):
     rc, out, _ = run_cli(capsys, "check", "--dir", gdir)
     assert rc == 0, out
-    planned = {s.path for s in goldens.plan(FAMILIES)}
+    planned = {s.path for s in spec.plan(FAMILIES)}
     m = manifest(gdir)
     assert set(m["files"]) == planned == {
         p.relative_to(gdir).as_posix() for p in gdir.rglob("*.safetensors")}
     for rel, e in m["files"].items():
-        assert e["sha256"] == goldens._sha(gdir / rel) and e["bytes"] == (gdir / rel).stat().st_size
-        assert e["generator_version"] == goldens.GENERATOR_VERSION
+        assert e["sha256"] == store._sha(gdir / rel) and e["bytes"] == (gdir / rel).stat().st_size
+        assert e["generator_version"] == spec.GENERATOR_VERSION
         assert {"torch", "numpy", "device"} <= set(e["environment"])
         assert e["checkpoint"]["family"] == e["family"]
         assert {"preset", "seed", "config_sha256", "weights_sha256"} <= set(e["checkpoint"])
         assert {"step1", "step2"} == set(e["inputs"])
-        assert goldens.Spec.from_entry(rel, e).path == rel
+        assert spec.Spec.from_entry(rel, e).path == rel
     assert m["history"][-1]["reason"] == "test"
     assert out.count("PASS ") == len(planned) and "0 fail" in out.splitlines()[-1]
 
 
 def test_update_without_changes_rewrites_nothing(gdir):
     before = snapshot(gdir)
-    assert goldens.update(gdir, families=FAMILIES, reason="again", log=lambda *_: None) == []
+    assert store.update(gdir, families=FAMILIES, reason="again", log=lambda *_: None) == []
     assert snapshot(gdir) == before  # same bytes: safetensors headers are written sorted
 
 
@@ -172,7 +180,7 @@ def test_changed_reference_fails_naming_the_file_site_and_size(gdir, monkeypatch
 def test_changed_fast_path_fails_only_the_goldens_it_touches(gdir, monkeypatch):
     """pow(x, 3) rounded once instead of CUDA's twice: only the emulated eager gelu_new moves."""
     monkeypatch.setattr(fast.Numerics, "pow3", lambda self, x: self.r(torch.pow(x, 3.0)))
-    results = goldens.check(gdir, ["gpt2"])
+    results = gcheck.check(gdir, ["gpt2"])
     failed = {r.name for r in results if r.verdict == "fail"}
     assert failed == {"gpt2/fast-hf-float16-cpu-emulated.safetensors",
                       "gpt2/fast-hf-bfloat16-cpu-emulated.safetensors"}
@@ -186,11 +194,11 @@ def test_changed_fast_path_fails_only_the_goldens_it_touches(gdir, monkeypatch):
 
 def test_update_records_a_change_and_check_then_passes(gdir, monkeypatch):
     monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)
-    changed = goldens.update(gdir, families=["gptmeg"], reason="exact constant",
+    changed = store.update(gdir, families=["gptmeg"], reason="exact constant",
                              log=lambda *_: None)
     assert changed == [REF]
     assert manifest(gdir)["history"][-1]["changed"] == [REF]
-    assert all(r.verdict == "pass" for r in goldens.check(gdir, ["gptmeg"]))
+    assert all(r.verdict == "pass" for r in gcheck.check(gdir, ["gptmeg"]))
 
 
 def test_hand_edited_value_with_resealed_manifest_fails_at_that_site(gdir, capsys):
@@ -218,8 +226,8 @@ def test_update_repairs_a_corrupted_golden(gdir):
     b = bytearray(p.read_bytes())
     b[-1] ^= 0x01
     p.write_bytes(bytes(b))
-    assert goldens.update(gdir, families=["gptmeg"], reason="repair", log=lambda *_: None) == [REF]
-    assert all(r.verdict == "pass" for r in goldens.check(gdir))
+    assert store.update(gdir, families=["gptmeg"], reason="repair", log=lambda *_: None) == [REF]
+    assert all(r.verdict == "pass" for r in gcheck.check(gdir))
 
 
 @pytest.mark.parametrize("stale", ["missing file", "extra file", "sha256 edited", "no manifest",
@@ -238,7 +246,7 @@ def test_stale_manifest_is_an_error(gdir, capsys, stale):
         write_manifest(gdir, m)
         needles = (rel, "does not match MANIFEST.json")
     elif stale == "no manifest":
-        (gdir / goldens.MANIFEST).unlink()
+        (gdir / spec.MANIFEST).unlink()
         needles = ("MANIFEST.json", "no golden manifest")
     else:
         m = manifest(gdir)
@@ -268,7 +276,7 @@ def test_unknown_format_is_an_error(gdir, capsys, tag):
 
 def test_unknown_manifest_generator_is_an_error(gdir, capsys):
     m = manifest(gdir)
-    m["generator"]["version"] = goldens.GENERATOR_VERSION + 1
+    m["generator"]["version"] = spec.GENERATOR_VERSION + 1
     write_manifest(gdir, m)
     rc, _, err = run_cli(capsys, "check", "--dir", gdir)
     assert rc == 2
@@ -279,7 +287,7 @@ def test_unknown_manifest_generator_is_an_error(gdir, capsys):
 def test_generator_failing_midway_leaves_the_old_goldens(gdir, monkeypatch):
     monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)  # something to write
     before = snapshot(gdir)
-    real, calls = goldens.generate, []
+    real, calls = store.generate, []
 
     def failing(*a, **k):
         calls.append(1)
@@ -287,9 +295,9 @@ def test_generator_failing_midway_leaves_the_old_goldens(gdir, monkeypatch):
             raise RuntimeError("generator died")
         return real(*a, **k)
 
-    monkeypatch.setattr(goldens, "generate", failing)
+    patch_everywhere(monkeypatch, "generate", failing)
     with pytest.raises(RuntimeError, match="generator died"):
-        goldens.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
+        store.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
     assert snapshot(gdir) == before
 
 
@@ -297,7 +305,7 @@ def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
     monkeypatch.setattr(ops, "MEGATRON_SQRT_2_OVER_PI", ops.SQRT_2_OVER_PI)
     monkeypatch.setattr(fast.Numerics, "pow3", lambda self, x: self.r(torch.pow(x, 3.0)))
     before = snapshot(gdir)
-    real, calls = goldens._install, []
+    real, calls = store._install, []
 
     def failing(tmp, target):
         calls.append(target)
@@ -305,12 +313,12 @@ def test_failure_while_renaming_puts_the_old_goldens_back(gdir, monkeypatch):
             raise OSError("disk full")
         real(tmp, target)
 
-    monkeypatch.setattr(goldens, "_install", failing)
+    patch_everywhere(monkeypatch, "_install", failing)
     with pytest.raises(OSError, match="disk full"):
-        goldens.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
+        store.update(gdir, families=FAMILIES, reason="interrupted", log=lambda *_: None)
     assert len(calls) == 3 and snapshot(gdir) == before
     monkeypatch.undo()
-    assert all(r.verdict == "pass" for r in goldens.check(gdir))
+    assert all(r.verdict == "pass" for r in gcheck.check(gdir))
 
 
 # ------------------------------------------------------------------------------ device classes
@@ -323,9 +331,9 @@ def test_goldens_of_other_device_classes_are_skipped_with_the_device_they_need(g
     m["files"][rel] = dict(m["files"][src], device_class="cuda-sm90")
     write_manifest(gdir, m)
     rewrite(gdir, rel, meta_fn=lambda md: md.update(device_class="cuda-sm90"))
-    monkeypatch.setattr(goldens, "cuda_class", lambda: None)
-    monkeypatch.setattr(goldens, "cpu_fingerprint", lambda: "x86_64 SOMEOTHERCPU")
-    by = {r.name: r for r in goldens.check(gdir, ["gpt2"])}
+    patch_everywhere(monkeypatch, "cuda_class", lambda: None)
+    patch_everywhere(monkeypatch, "cpu_fingerprint", lambda: "x86_64 SOMEOTHERCPU")
+    by = {r.name: r for r in gcheck.check(gdir, ["gpt2"])}
     assert by[rel].verdict == "skip" and "cuda-sm90" in by[rel].detail
     assert "compute capability 9.0" in by[rel].detail
     for path, r in by.items():
@@ -337,19 +345,19 @@ def test_goldens_of_other_device_classes_are_skipped_with_the_device_they_need(g
 
 
 def test_update_refuses_a_device_class_this_machine_lacks(gdir, monkeypatch):
-    monkeypatch.setattr(goldens, "cuda_class", lambda: None)
+    patch_everywhere(monkeypatch, "cuda_class", lambda: None)
     with pytest.raises(ParityError, match="cuda-sm90.*no CUDA device"):
-        goldens.update(gdir, classes=["cuda-sm90"], reason="x")
+        store.update(gdir, classes=["cuda-sm90"], reason="x")
 
 
 @pytest.mark.parametrize("lib, impl", [("torch", "fast"), ("numpy", "reference")])
 def test_an_upgrade_shows_the_drift_per_site(gdir, monkeypatch, capsys, lib, impl):
-    monkeypatch.setattr(goldens, f"{lib}_version", lambda: "9.9.9")
+    patch_everywhere(monkeypatch, f"{lib}_version", lambda: "9.9.9")
     rc, out, _ = run_cli(capsys, "check", "--dir", gdir, "--families", "gpt2")
     assert rc == 0
-    n = sum(s.impl == impl for s in goldens.plan(["gpt2"]))
+    n = sum(s.impl == impl for s in spec.plan(["gpt2"]))
     assert out.count(f"  {lib} 9.9.9 (golden made with {lib} ") == n
-    assert out.count("max ULP 0 ") == n * len(goldens.golden_sites("gpt2", 4)) * 2
+    assert out.count("max ULP 0 ") == n * len(spec.golden_sites("gpt2", 4)) * 2
 
 
 def test_update_needs_a_reason(gdir, capsys):
@@ -366,8 +374,8 @@ def test_committed_goldens_reproduce(request):
     device classes are skipped with their reason). `pytest --update-golden` regenerates them
     first, through `parity golden update`'s code path."""
     if request.config.getoption("--update-golden"):
-        goldens.update(goldens.DEFAULT_DIR, reason="pytest --update-golden")
-    results = goldens.check(goldens.DEFAULT_DIR)
+        store.update(spec.DEFAULT_DIR, reason="pytest --update-golden")
+    results = gcheck.check(spec.DEFAULT_DIR)
     failed = [r.detail for r in results if r.verdict == "fail"]
     assert not failed, "\n".join(failed)
     refs = [r for r in results if r.spec.impl == "reference"]
@@ -378,11 +386,11 @@ def test_committed_goldens_reproduce(request):
 
 @pytest.mark.golden
 def test_committed_goldens_cover_every_family_within_the_size_budget():
-    files = manifest(goldens.DEFAULT_DIR)["files"]
-    cpu = {s.path for s in goldens.plan(classes=["any", *goldens.CPU_CLASSES])}
+    files = manifest(spec.DEFAULT_DIR)["files"]
+    cpu = {s.path for s in spec.plan(classes=["any", *spec.CPU_CLASSES])}
     assert cpu <= set(files)
-    total = sum(p.stat().st_size for p in goldens.DEFAULT_DIR.rglob("*") if p.is_file())
-    assert total <= goldens.SIZE_BUDGET_BYTES
+    total = sum(p.stat().st_size for p in spec.DEFAULT_DIR.rglob("*") if p.is_file())
+    assert total <= spec.SIZE_BUDGET_BYTES
 
 
 # ------------------------------------------------------------------------------ foreign goldens
@@ -407,19 +415,19 @@ def test_foreign_float32_golden_passes_and_a_planted_change_fails(tiny_checkpoin
                                                                   capsys):
     ck = tiny_checkpoints["gpt2"]
     good = foreign_golden(tmp_path / "good.safetensors", ck)
-    rows = goldens.check_foreign_golden(good, ck)
+    rows = foreign.check_foreign_golden(good, ck)
     assert [r["site"] for r in rows] == ["blocks.1.resid_post", "logits"]
     assert all(r["status"] == "pass" and r["tolerance_name"] == "golden_float32" for r in rows)
     assert all(0 < r["rel"] <= tolerance("golden_float32") for r in rows)
     bad = foreign_golden(tmp_path / "bad.safetensors", ck, plant=1e-4)
-    rows = {r["site"]: r for r in goldens.check_foreign_golden(bad, ck)}
+    rows = {r["site"]: r for r in foreign.check_foreign_golden(bad, ck)}
     assert rows["blocks.1.resid_post"]["status"] == "pass"
     assert rows["logits"]["status"] == "fail"
     assert rows["logits"]["rel"] > tolerance("golden_float32")
-    verdict = goldens.summarize_foreign(list(rows.values()))
+    verdict = foreign.summarize_foreign(list(rows.values()))
     assert verdict.verdict == "fail" and verdict.detail.startswith("logits: max rel error")
     assert verdict.figures["worst_site"] == "logits" and verdict.figures["sites_failed"] == 1
-    assert goldens.summarize_foreign(goldens.check_foreign_golden(good, ck)).verdict == "pass"
+    assert foreign.summarize_foreign(foreign.check_foreign_golden(good, ck)).verdict == "pass"
     assert run_cli(capsys, "check", "--file", good, "--checkpoint", ck)[0] == 0
     rc, out, _ = run_cli(capsys, "check", "--file", bad, "--checkpoint", ck)
     assert rc == 1 and "FAIL" in out and "logits" in out
@@ -429,7 +437,7 @@ def test_our_goldens_pass_as_foreign_goldens_cache_step_included(gdir, tiny_chec
     ck = tiny_checkpoints["gpt2"]
     for rel, dtype in [("gpt2/reference-float64.safetensors", "float64"),
                        ("gpt2/fast-meg-bfloat16-cpu-emulated.safetensors", "bfloat16")]:
-        rows = goldens.check_foreign_golden(gdir / rel, ck)
+        rows = foreign.check_foreign_golden(gdir / rel, ck)
         assert {r["step"] for r in rows} == {1, 2}
         assert all(r["status"] == "pass" and r["tolerance_name"] == f"golden_{dtype}"
                    for r in rows), [r for r in rows if r["status"] != "pass"]
@@ -438,14 +446,14 @@ def test_our_goldens_pass_as_foreign_goldens_cache_step_included(gdir, tiny_chec
 def test_foreign_golden_of_another_family_is_an_error(tiny_checkpoints, tmp_path):
     p = foreign_golden(tmp_path / "g.safetensors", tiny_checkpoints["gpt2"])
     with pytest.raises(ParityError, match="family 'gpt2'.*'gptj'"):
-        goldens.check_foreign_golden(p, tiny_checkpoints["gptj"])
+        foreign.check_foreign_golden(p, tiny_checkpoints["gptj"])
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_golden_tolerance_follows_the_dtype(dtype):
-    assert goldens.golden_tolerance(dtype) == (f"golden_{dtype}", tolerance(f"golden_{dtype}"))
+    assert foreign.golden_tolerance(dtype) == (f"golden_{dtype}", tolerance(f"golden_{dtype}"))
 
 
 def test_golden_tolerance_of_an_unknown_dtype_is_an_error():
     with pytest.raises(ParityError, match="int8"):
-        goldens.golden_tolerance("int8")
+        foreign.golden_tolerance("int8")

@@ -1,4 +1,5 @@
-"""The report renderer (parity/reports/render.py) on synthetic divergence/attribution frames.
+"""The report (parity/reports/: analysis, render, plots) on synthetic divergence/attribution
+frames.
 
 The frames are built here with known plants, following the engine's verdicts (parity/engine/compare.py):
 in gpt2/stress/meg/fp16 the accumulated stream first leaves its budget (a warn) at

@@ -142,7 +142,7 @@ def golden_check(ckpt: Checkpoint, path: str) -> Result:
     `parity golden check --file` gives: a golden with no comparable site fails). A stored site
     whose shape does not fit the checkpoint is bad input (a golden of another model), not a
     verdict."""
-    from parity.goldens.store import check_foreign_golden, summarize_foreign
+    from parity.goldens.foreign import check_foreign_golden, summarize_foreign
 
     rows = check_foreign_golden(path, ckpt)
     misfit = [r for r in rows if r.get("misfit")]

@@ -147,3 +147,8 @@ def site_order(family: str | None, names: list[str]) -> list[str]:
               if n.startswith("blocks.") and n.split(".")[1].isdigit()]
     rank = {s: i for i, s in enumerate(reference.site_names(family, max(layers, default=-1) + 1))}
     return sorted(names, key=lambda s: (s not in rank, rank.get(s, 0)))
+
+
+def dtype_of(t) -> str:
+    """A torch tensor's dtype by name ('float16')."""
+    return str(t.dtype).removeprefix("torch.")

@@ -26,12 +26,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reference.families import FAMILIES
-from reference.sites import block_output_site
 
 from parity.errors import ParityError
 from parity.files import atomic_write
-from parity.engine.verdicts import CHECK_VERDICTS, FAILING, NOT_DIVERGENT, VERDICTS, worst
+from parity.reports.analysis import (DASH, FINDINGS_CHECKPOINTS, NO_TOP1, SUBJECT, _attr_flip,
+                                     _count_line, _headline_blocks, _num, _text, _visible, _worst,
+                                     attribution_sentence, deciding_rows, overall_verdict,
+                                     subject_table)
+from parity.reports.plots import (_style_keys, plot_errors)
+from parity.engine.verdicts import CHECK_VERDICTS, VERDICTS
+
 
 DIVERGENCE_COLUMNS = (
     "family", "checkpoint", "variant", "dtype", "device", "emulate", "mode", "site", "layer",
@@ -43,12 +47,8 @@ ATTRIBUTION_COLUMNS = (
 # increasing severity, as the engine ranks them: 'overflow' means the reference itself exceeds
 # the dtype's range at a site (no implementation in that dtype can hold it); 'fail' means the
 # subject made an error over budget, non-finite values where the reference fits included
-SUBJECT = ("family", "checkpoint", "variant", "dtype", "device", "emulate")
 FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
-PNG_DPI = 72              # ~55 kB a figure: 80 subjects (10 figures) take ~0.8 MB
 HTML_SIZE_BUDGET = 3_000_000   # bytes; a report page must stay light enough to mail or attach
-DASH = "–"                # shown where a figure does not exist (NaN: no logits, no floor)
-
 FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 
 
@@ -124,187 +124,6 @@ def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None 
 RICH_STYLE = {"not_exposed": "dim", "unmeasured": "bold red", "pass": "green",
               "warn": "bold yellow", "overflow": "bold magenta",
               "fail": "bold red"}
-
-
-# ============================================================================ analysis
-def overall_verdict(divergence: pd.DataFrame) -> str:
-    """The worst verdict of any row, upper-case: PASS, WARN, OVERFLOW or FAIL. An empty frame
-    is an error, never a pass."""
-    if divergence.empty:
-        raise ParityError("the divergence frame is empty: nothing was compared")
-    return _worst(divergence["verdict"].unique()).upper()
-
-
-# Checkpoint labels whose verdicts are findings, not the run's verdict: `parity report`'s stress
-# checkpoints put outlier magnitudes where knobs are meant to matter. Every other checkpoint
-# (`tiny`: healthy magnitudes, where every healthy path must sit at the floor) decides the
-# headline verdict and `parity report`'s exit code (`run_report.exit_code`).
-FINDINGS_CHECKPOINTS = ("stress",)
-
-
-def deciding_rows(divergence: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose verdicts decide the run: those not on a FINDINGS_CHECKPOINTS label."""
-    return divergence[~divergence["checkpoint"].isin(FINDINGS_CHECKPOINTS)]
-
-
-def decides_failure(divergence: pd.DataFrame) -> bool:
-    """Whether the run fails: a deciding row leaves its budget (fail) or cannot be held
-    (overflow: healthy magnitudes must fit the dtype). A warn does not fail the run."""
-    return bool(deciding_rows(divergence)["verdict"].isin(FAILING).any())
-
-
-def _headline_blocks(div: pd.DataFrame, subj: pd.DataFrame) -> list:
-    """The verdict that decides the exit code first; stress findings after it, as findings.
-    A frame without findings checkpoints keeps the single overall verdict."""
-    finding = subj["checkpoint"].isin(FINDINGS_CHECKPOINTS)
-    if not finding.any():
-        return [("verdict", ("Overall verdict", overall_verdict(div), _count_line(subj)))]
-    code = int(decides_failure(div))
-    labels = ", ".join(pd.unique(subj.loc[finding, "checkpoint"]).tolist())
-    found = (f"Findings on the {labels} checkpoints (they do not decide the verdict or the "
-             f"exit code: knobs are meant to matter there): {_count_line(subj[finding])}.")
-    decide = deciding_rows(div)
-    if decide.empty:
-        return [("p", f"No healthy checkpoint was compared, so nothing in this run decides a "
-                      f"verdict (exit code {code})."), ("p", found)]
-    healthy = ", ".join(pd.unique(subj.loc[~finding, "checkpoint"]).tolist())
-    return [("verdict", ("Overall verdict", overall_verdict(decide),
-                         f"on the {healthy} checkpoints, which decide the exit code ({code}): "
-                         f"{_count_line(subj[~finding])}")),
-            ("p", found)]
-
-
-def subject_table(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None
-                  ) -> pd.DataFrame:
-    """One row per subject (family x checkpoint x variant x dtype x device x emulate), in frame
-    order: worst verdict over every site and both modes, the logit figures (accumulated), the
-    first site that is not a pass in each mode (frame order = execution order), the main cause."""
-    causes = _main_causes(attribution)
-    rows = []
-    for key, g in divergence.groupby(list(SUBJECT), sort=False, dropna=False):
-        rec = dict(zip(SUBJECT, key))
-        rec["verdict"] = _worst(g["verdict"])
-        worst = _worst_site(g, rec["verdict"])
-        rec["worst_site"] = "" if worst is None else f"{worst['site']} ({worst['mode']})"
-        rec["worst_reason"] = "" if worst is None else _text(worst["reason"])
-        rec["has_overflow"] = bool((g["verdict"] == "overflow").any())
-        acc = g[g["mode"] == "accumulated"]
-        logit = acc[acc["site"] == "logits"]
-        lg = logit.iloc[0] if len(logit) else None
-        for col in ("floor_ratio", "rel_l2", "top1", "kl"):
-            rec[f"logits_{col}"] = float(lg[col]) if lg is not None else math.nan
-        rec["logits_verdict"] = lg["verdict"] if lg is not None else ""
-        for mode in ("accumulated", "local"):
-            rows_m = g[g["mode"] == mode]
-            rec[f"has_{mode}"] = len(rows_m) > 0
-            first = _first_divergent(rows_m)
-            rec[f"first_{mode}"] = first["site"] if first is not None else ""
-            rec[f"first_{mode}_verdict"] = first["verdict"] if first is not None else ""
-            rec[f"first_{mode}_reason"] = _text(first["reason"]) if first is not None else ""
-        rec["main_cause"] = causes.get(tuple(rec[k] for k in SUBJECT[:4]), "")
-        rows.append(rec)
-    return pd.DataFrame(rows)
-
-
-def _worst_site(g: pd.DataFrame, verdict: str):
-    """The row that earns the subject its verdict: the first with that verdict, in local mode
-    when there is one there (the layer that makes it), else accumulated; None for a pass."""
-    if verdict == "pass":
-        return None
-    hit = g[g["verdict"] == verdict]
-    local = hit[hit["mode"] == "local"]
-    return (local if len(local) else hit).iloc[0]
-
-
-def _first_divergent(rows: pd.DataFrame):
-    bad = rows[~rows["verdict"].isin(NOT_DIVERGENT)]
-    return bad.iloc[0] if len(bad) else None
-
-
-def _worst(verdicts) -> str:
-    return worst(verdicts)
-
-
-def attribution_sentence(row) -> str:
-    """One attribution row as a sentence: how much of the subject's logit error (vs the
-    reference, or vs another variant) disappears when that knob alone is flipped."""
-    r = _record(row)
-    what, flip = _attr_what(r), _attr_flip(r)
-    before, after, share = float(r["error_before"]), float(r["error_after"]), float(r["share"])
-    if before == 0:
-        text = (f"{what} is zero; {flip} keeps it there" if after == 0
-                else f"{what} is zero; {flip} makes it {_num(after)}")
-    elif math.isinf(before) and math.isinf(after):
-        text = f"{flip} leaves {what} non-finite"
-    elif math.isinf(after):
-        text = f"{flip} makes {what} non-finite"
-    elif math.isnan(share):
-        text = f"{flip}: no share can be computed for {what}"
-    elif round(share * 100) > 0:
-        text = f"{share:.0%} of {what} disappears with {flip}"
-    elif round(share * 100) < 0:
-        text = f"{flip} makes {what} {-share:.0%} larger"
-    else:
-        text = f"{flip} changes {what} by under 0.5%"
-    note = _text(r.get("note"))
-    site = _attr_site(r)
-    label = "logit rel_l2" if site == "logits" else f"rel_l2 at {site}"
-    return (text + f" ({label} {_num(before)} -> {_num(after)})"
-            + (f"; {note}" if note else ""))
-
-
-def _record(row) -> dict:
-    return row if isinstance(row, dict) else row._asdict() if hasattr(row, "_asdict") \
-        else dict(row)
-
-
-def _attr_site(r) -> str:
-    site = r.get("site")
-    return site if isinstance(site, str) and site else "logits"
-
-
-def _attr_what(r) -> str:
-    where = f"{r['family']}/{r['checkpoint']}"
-    site = _attr_site(r)
-    err = "logit error" if site == "logits" else f"error at {site}"
-    if r["target"] == "reference":
-        return f"the {r['dtype']} {err} of {r['variant']} on {where}"
-    div = "logit divergence" if site == "logits" else f"divergence at {site}"
-    return f"the {r['dtype']} {div} of {r['variant']} from {r['target']} on {where}"
-
-
-def _attr_flip(r) -> str:
-    return f"{r['knob']}={r['from_value']}->{r['to_value']}"
-
-
-def _visible(r) -> bool:
-    """Whether a knob flip changes the logit error enough to be worth a sentence: a share that
-    rounds to at least 1%, or a change in whether the error is zero or finite."""
-    before, after, share = float(r["error_before"]), float(r["error_after"]), float(r["share"])
-    if (before == 0) != (after == 0) or math.isinf(before) != math.isinf(after):
-        return True
-    return not math.isnan(share) and round(share * 100) != 0
-
-
-def _main_causes(attribution) -> dict:
-    """(family, checkpoint, variant, dtype) -> 'knob=a->b (62%)': the flip that removes the
-    largest positive share of the logit error vs the reference (or, when only subject-vs-subject
-    attribution exists, of the divergence from that other subject)."""
-    if attribution is None or attribution.empty:
-        return {}
-    a = attribution[attribution["share"] >= 0.005]    # rounds to at least 1%: visible
-    out = {}
-    for key, g in a.groupby(list(SUBJECT[:4]), sort=False):
-        ref = g[g["target"] == "reference"]
-        g = ref if len(ref) else g
-        if "site" in g.columns:  # a flip measured at the first divergent site explains the verdict
-            at_site = g[g["site"] != "logits"]
-            g = at_site if len(at_site) else g
-        best = g.loc[g["share"].idxmax()]
-        vs = "" if best["target"] == "reference" else f" vs {best['target']}"
-        out[key] = (f"{best['knob']}={best['from_value']}->{best['to_value']} "
-                    f"({best['share']:.0%}{vs})")
-    return out
 
 
 # ============================================================================ the document
@@ -439,13 +258,6 @@ def _checks_table(checks: list[dict]) -> DocTable:
         rows.append((Cell(str(c.get("check", ""))), Cell(_vlabel(c["verdict"]), c["verdict"]),
                      Cell(_text(c.get("detail"))), Cell(figures)))
     return DocTable(("check", "verdict", "detail", "figures"), tuple(rows))
-
-
-def _count_line(subj: pd.DataFrame) -> str:
-    n = {v: int((subj["verdict"] == v).sum()) for v in VERDICTS}
-    unmeasured = f", {n['unmeasured']} unmeasured" if n["unmeasured"] else ""
-    return (f"{n['fail']} of {len(subj)} subjects fail, {n['overflow']} overflow{unmeasured}, "
-            f"{n['warn']} warn, {n['pass']} pass")
 
 
 def _column_label(r, multi_dev: bool) -> str:
@@ -646,18 +458,6 @@ def _flatten(d, prefix="") -> list[tuple[str, str]]:
 
 
 # ============================================================================ formatting
-def _num(x, spec: str = ".3g") -> str:
-    if x is None or pd.isna(x):
-        return DASH
-    x = float(x)
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return format(x, spec)
-
-
-NO_TOP1 = "n/a: no decisive rows"  # top-1 not measured: every logit row a near tie
-
-
 def _pct(x, missing: str = DASH) -> str:
     if x is None or pd.isna(x):
         return missing
@@ -667,10 +467,6 @@ def _pct(x, missing: str = DASH) -> str:
 
 def _vlabel(v: str) -> str:
     return "pass" if v == "pass" else v.upper()
-
-
-def _text(x) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA else str(x)
 
 
 # ============================================================================ renderers
@@ -774,108 +570,6 @@ def _html_table(t: DocTable) -> str:
         rows.append(f"<tr>{tds}</tr>")
     return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(rows) + \
         "\n</tbody>\n</table>"
-
-
-# ============================================================================ plots
-MARKERS = ("o", "s", "^", "D", "v", "P")
-
-
-def _style_keys(div: pd.DataFrame) -> dict:
-    """Colour per variant and marker per dtype, the same in every figure of a report."""
-    from matplotlib import colormaps
-    colors = colormaps["tab10"].colors
-    return {"color": {v: colors[i % len(colors)] for i, v in enumerate(pd.unique(div["variant"]))},
-            "marker": {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(pd.unique(div["dtype"]))}}
-
-
-def _plot_kinds(family: str, present) -> list[str]:
-    """The block output (the stream the next layer inherits), the attention scores (where raw
-    q.k^T overflows) and the MLP activation (where large pre-activations bite)."""
-    out = block_output_site(family) if family in FAMILIES else "resid_post"
-    return [k for k in (out, "attn.scores", "mlp.act") if k in set(present)]
-
-
-def plot_errors(g: pd.DataFrame, family: str, style: dict) -> bytes | None:
-    """PNG of rel_l2 and floor_ratio against layer for one family x checkpoint, or None when it
-    has no block sites. Built on a bare Figure (no pyplot state) with Matplotlib's default
-    style, fixed dpi and no metadata, so the bytes depend on the data alone."""
-    import matplotlib as mpl
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    g = g[g["layer"].notna()]
-    kinds = _plot_kinds(family, g["kind"].unique())
-    if not kinds:
-        return None
-    with mpl.rc_context():
-        mpl.rcdefaults()
-        # a fixed title height skips the per-draw title placement (a third of the time)
-        mpl.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.titley": 1.0})
-        width = 2.9 * len(kinds) + 1.4      # inches; the legend takes the last 1.4
-        fig = Figure(figsize=(width, 4.6), dpi=PNG_DPI)
-        # fixed margins: constrained layout would measure every tick label, 5x the cost
-        fig.subplots_adjust(left=0.6 / width, right=1 - 1.5 / width, bottom=0.1, top=0.93,
-                            wspace=0.3, hspace=0.3)
-        axes = fig.subplots(2, len(kinds), squeeze=False, sharex=True)
-        for j, kind in enumerate(kinds):
-            k = g[g["kind"] == kind]
-            for row, metric in enumerate(("rel_l2", "floor_ratio")):
-                ax = axes[row][j]
-                _draw_lines(ax, k, metric, style)
-                if metric == "floor_ratio":
-                    for b in sorted(pd.unique(k["budget_fail"].dropna())):
-                        ax.axhline(float(b), color="0.55", linestyle=":", linewidth=1)
-                    ax.set_xlabel("layer")
-                what = f"{kind} (block output)" if kind == kinds[0] else kind
-                ax.set_title(f"{what}: {metric}")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.grid(True, which="major", alpha=0.3)
-        handles = ([Line2D([], [], color=c, label=v) for v, c in style["color"].items()
-                    if v in set(g["variant"])]
-                   + [Line2D([], [], color="0.3", marker=m, linestyle="", label=d)
-                      for d, m in style["marker"].items() if d in set(g["dtype"])]
-                   + [Line2D([], [], color="0.3", linestyle="-", label="accumulated"),
-                      Line2D([], [], color="0.3", linestyle="--", label="local")])
-        fig.legend(handles=handles, loc="upper right", frameon=False)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _draw_lines(ax, k: pd.DataFrame, metric: str, style: dict) -> None:
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
-
-    # plain NumPy columns: a pandas groupby here costs more than the drawing
-    var, dt, mode = (k[c].astype(str).to_numpy() for c in ("variant", "dtype", "mode"))
-    layer = k["layer"].astype("int64").to_numpy()
-    val = k[metric].astype("float64").to_numpy()
-    bad_all = (k["nonfinite"].to_numpy() > 0) | (k["verdict"].to_numpy() == "overflow")
-    drawn = False
-    for v, d, m in dict.fromkeys(zip(var, dt, mode)):
-        sel = (var == v) & (dt == d) & (mode == m)
-        order = np.argsort(layer[sel], kind="stable")
-        x, y, bad = layer[sel][order], val[sel][order], bad_all[sel][order]
-        y = np.where(np.isfinite(y) & (y > 0) & ~bad, y, np.nan)
-        kw = dict(color=style["color"][v], marker=style["marker"][d], markersize=3.5,
-                  linewidth=1.2, linestyle="-" if m == "accumulated" else "--")
-        ax.plot(x, y, **kw)
-        if bad.any():   # non-finite: no point on a log axis, so a mark on the top edge,
-            # nudged per variant so that variants overflowing at one layer stay distinguishable
-            colors = list(style["color"])
-            nudge = 0.08 * (colors.index(v) - (len(colors) - 1) / 2)
-            ax.plot(x[bad] + nudge, np.ones(bad.sum()), transform=ax.get_xaxis_transform(),
-                    linestyle="", marker="v", color=kw["color"], markersize=6, clip_on=False)
-        drawn = drawn or bool(np.isfinite(y).any())
-    if drawn:
-        ax.set_yscale("log")
-        # labelled ticks at 1, 2, 5 x 10^k (a healthy run spans less than a decade) and no
-        # unlabelled minor ticks, which cost more to lay out than the lines themselves
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=8))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_locator(NullLocator())
-    else:
-        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center")
 
 
 # ============================================================================ checks and IO

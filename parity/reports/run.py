@@ -146,6 +146,6 @@ def exit_code(div: pd.DataFrame) -> int:
     """1 when a subject on a healthy (`tiny`) checkpoint fails or overflows, else 0: the same
     rule as the report's headline verdict (`report.decides_failure`); stress findings do not
     count."""
-    from parity.reports.render import decides_failure
+    from parity.reports.analysis import decides_failure
 
     return 1 if decides_failure(div) else 0
