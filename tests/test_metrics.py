@@ -261,7 +261,9 @@ def test_floor_ratio_counts_errors_in_units_of_the_rounding_floor(tiny_checkpoin
     assert [r["site"] for r in recs] == list(ref.sites)
     assert all(r["floor_rel_l2"] > 0 for r in recs)
     ratios = np.array([r["floor_ratio"] for r in recs])
-    assert np.allclose(ratios, 2.0, rtol=1e-9, atol=0), dict(zip(ref.sites, ratios))
+    # twice the floor's error, up to float64 rounding of the sums
+    assert np.abs(ratios / 2.0 - 1.0).max() <= B.tolerance("float64_exact"), dict(
+        zip(ref.sites, ratios))
     assert {r["verdict"] for r in judge(dict(ref.sites))} == {"pass"}
     assert all(r["floor_ratio"] == 0.0 for r in judge(dict(ref.sites)))
     u = 2.0 ** -(np.finfo(np.float16).nmant + 1 if dtype == "float16" else 8)  # unit roundoff
