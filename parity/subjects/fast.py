@@ -545,6 +545,11 @@ class FastModel:
         if fam.rotary:
             q, k = self.rotary(ctx, q), self.rotary(ctx, k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        if fam.rotary == "rotate_half" and not self.num.emulate:
+            # HF rotates q and k in (B, H, T, hd) and concatenates: contiguous there. Native half
+            # kernels sum in an order that depends on the layout (ATen's own fp16 GEMM, used
+            # where oneDNN is not), so the real kernels are fed HF's layout
+            q, k = q.contiguous(), k.contiguous()
         context = self.attend(ctx, i, q, k, v)
         return ctx.site(f"blocks.{i}.attn.out",
                         self.proj(context, p + fam.out_proj, bias=fam.out_bias))
