@@ -156,7 +156,7 @@ def check_tokenizer(ckpt_dir: str | Path, texts, subject=None, reference=None) -
     ckpt_dir = Path(ckpt_dir)
     if not rt.has_tokenizer_files(ckpt_dir):
         return Result(name=NAME, verdict="skip", detail="no tokenizer files (tokenizer.json, or "
-                      "vocab.json + merges.txt): tokenizer not checked")
+                      "vocab.json + merges.txt)")
     try:
         reference = reference or rt.load(ckpt_dir)
     except rt.UnsupportedTokenizer as e:

@@ -397,7 +397,7 @@ def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> 
 
         suite = ET.Element("testsuite", name="parity gate", tests="1", failures="0",
                            errors="1", skipped="0")
-        case = ET.SubElement(suite, "testcase", classname="parity.commands.gate", name="gate")
+        case = ET.SubElement(suite, "testcase", classname="parity.gate", name="gate")
         ET.SubElement(case, "error", message=message[:500]).text = message
         attempt(lambda: _write_xml(Path(junit), suite))
 
@@ -420,7 +420,7 @@ def write_junit(path: str, result: GateResult) -> None:
                        skipped=str(sum(c.verdict == "skip" for c in result.checks)),
                        time=str(result.meta.get("wall_time_s", 0)))
     for c in result.checks:
-        case = ET.SubElement(suite, "testcase", classname="parity.commands.gate", name=c.name)
+        case = ET.SubElement(suite, "testcase", classname="parity.gate", name=c.name)
         if c.verdict == "fail":
             ET.SubElement(case, "failure", message=c.detail[:500]).text = c.detail
         elif c.verdict == "skip":
