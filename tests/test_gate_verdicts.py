@@ -256,6 +256,7 @@ def test_a_structural_defect_is_a_structure_fail_with_report_and_junit(
     assert checks(rep)["subject"]["verdict"] == "skip"
     cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
     assert cases["structure"].find("failure") is not None
+    assert {c.get("classname") for c in cases.values()} == {"parity.gate"}  # what dashboards key on
     assert all((rep / f).exists() for f in REPORT_FILES)
 
 
