@@ -164,6 +164,18 @@ def cmd_trace(a) -> int:
     validate_inputs(inp, ckpt.config, source)
     dtype = a.dtype or ("float64" if a.impl == "reference" else "float16")
     emulate = None if a.emulate is None else a.emulate == "on"
+    if a.sites is not None:  # a pattern that matches no site is a typo, not an empty request
+        from fnmatch import fnmatchcase
+
+        import reference
+
+        names = reference.site_names(ckpt.config.family, ckpt.config.n_layer,
+                                     ckpt.config.block)
+        dead = [p for p in a.sites.split(",") if p and not any(fnmatchcase(n, p) for n in names)]
+        if dead:
+            raise ParityError(f"--sites: {', '.join(map(repr, dead))} matches no site of this "
+                              f"{ckpt.config.family} model (e.g. {names[1]}, "
+                              f"blocks.*.{ckpt.config.block_sites[-1]}, logits)")
     trace = subjects.run(a.impl, ckpt, inp, variant=a.variant, dtype=dtype,
                          device=resolve_device(a.device), emulate=emulate, sites=a.sites)
     trace.explicit_positions = inp.position_ids is not None

@@ -177,13 +177,16 @@ def make_checkpoint(family: str, out: str | os.PathLike, preset: str = "tiny",
     import torch
     from safetensors.torch import save_file
 
+    from parity.devices import normalize_dtype
+
     raw = make_config(family, preset, layers)
     cfg = reference.parse_config(raw)
     fam = reference.family(family)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or ("float16" if preset == "full-width" else "float32")
+    # the one dtype vocabulary, checked before anything is written; a checkpoint stores floats
+    dtype = normalize_dtype(dtype or ("float16" if preset == "full-width" else "float32"))
     tdt = getattr(torch, dtype)
+    out.mkdir(parents=True, exist_ok=True)
     shapes = reference.param_shapes(cfg)
     # one shard per layer for full-width checkpoints, so that writing stays within memory
     groups: dict[str, list[str]] = {}

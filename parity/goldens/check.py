@@ -226,6 +226,10 @@ def cmd_golden(a) -> int:
         return 0
     if a.golden_command != "check":
         raise ParityError("parity golden: expected 'check' or 'update'")
+    if a.checkpoint and not a.file:
+        raise ParityError("parity golden check --checkpoint: give the golden file(s) to check "
+                          "against it with --file (without --file, check compares the committed "
+                          "goldens with their own recipe checkpoints)")
     if a.file:
         if not a.checkpoint:
             raise ParityError("parity golden check --file: give --checkpoint DIR")

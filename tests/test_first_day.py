@@ -1,0 +1,60 @@
+"""A new user's first commands: one dtype vocabulary, a --sites pattern that matches nothing,
+options that would be ignored — each refused up front with one `error:` line and nothing
+half-written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity import cli
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("spelling,canonical", [("fp16", "float16"), ("bf16", "bfloat16"),
+                                                ("half", "float16"), ("float32", "float32")])
+def test_checkpoint_make_takes_every_dtype_spelling(spelling, canonical, tmp_path, capsys):
+    rc, out, err = run(capsys, "checkpoint", "make", "--family", "gpt2", "--layers", "1",
+                       "--dtype", spelling, "--out", tmp_path / "ck")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["torch_dtype"] == canonical
+
+
+@pytest.mark.parametrize("bad", ["int8", "fp8", "uint8"])
+def test_checkpoint_make_refuses_other_dtypes_before_writing(bad, tmp_path, capsys):
+    rc, out, err = run(capsys, "checkpoint", "make", "--family", "gpt2", "--dtype", bad,
+                       "--out", tmp_path / "ck")
+    assert rc == 2
+    one_error(err, repr(bad), "float16")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_sites_pattern_that_matches_nothing_is_an_error(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    rc, _, err = run(capsys, "trace", tiny_checkpoints["gpt2"], "--tokens", "1 2 3",
+                     "--sites", "blocks.*.resid_post,nomatch*", "--out", out)
+    assert rc == 2
+    one_error(err, "'nomatch*'", "matches no site")
+    assert not out.exists()
+    rc, _, err = run(capsys, "trace", tiny_checkpoints["gpt2"], "--tokens", "1 2 3",
+                     "--sites", "blocks.*.resid_post", "--out", out)
+    assert rc == 0 and out.exists(), err
+
+
+def test_golden_check_with_a_checkpoint_but_no_file_is_refused(tiny_checkpoints, capsys):
+    rc, _, err = run(capsys, "golden", "check", "--checkpoint", tiny_checkpoints["gpt2"])
+    assert rc == 2
+    one_error(err, "--checkpoint", "--file")
