@@ -195,13 +195,12 @@ def cmd_trace(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from rich.console import Console
 
     from parity.reports.render import terminal_summary, write_report
     from parity.reports.run import exit_code, run_report
     from parity.subjects import normalize_dtype
 
-    console = Console(stderr=False)
+    console = _console()
     device = resolve_device(a.device)
     dtypes = [normalize_dtype(d) for d in a.dtypes] if a.dtypes else None
     out = Path(a.out) if a.out else Path("reports") / _now().replace(":", "").replace("-", "")
@@ -215,6 +214,17 @@ def cmd_report(a) -> int:
     console.print(f"report written to {out}/ ({', '.join(sorted(p.name for p in files.values()))})"
                   f" in {run['wall_time_s']} s")
     return exit_code(div)
+
+
+LOG_WIDTH = 200  # columns when stdout is not a terminal (a CI log): tables are read in full
+
+
+def _console():
+    """A rich Console; on a terminal its own width, elsewhere (CI logs, pipes) LOG_WIDTH, so
+    that no table cell is cut to "opena…" at rich's default of 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
 
 
 def _check_writable(out: Path) -> None:
@@ -250,13 +260,12 @@ def cmd_gate(a) -> int:
 
 
 def _gate(a, out: Path, device: str, dtype: str) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from parity.commands.gate import run_gate, write_junit
     from parity.reports.render import write_report
 
-    console = Console()
+    console = _console()
     with console.status("parity gate: starting") as status:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
