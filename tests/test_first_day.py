@@ -58,3 +58,21 @@ def test_golden_check_with_a_checkpoint_but_no_file_is_refused(tiny_checkpoints,
     rc, _, err = run(capsys, "golden", "check", "--checkpoint", tiny_checkpoints["gpt2"])
     assert rc == 2
     one_error(err, "--checkpoint", "--file")
+
+
+def test_trace_takes_the_gates_variant_grammar_for_transformers(tiny_checkpoints, tmp_path,
+                                                                capsys):
+    """`--impl hf --variant hf` (transformers' default attention) is accepted by trace as by
+    the gate."""
+    pytest.importorskip("transformers", reason="the hf subject needs the [hf] extra")
+    out = tmp_path / "t.safetensors"
+    rc, _, err = run(capsys, "trace", tiny_checkpoints["gpt2"], "--impl", "hf", "--variant",
+                     "hf", "--dtype", "float32", "--tokens", "1 2 3", "--out", out)
+    assert rc == 0 and out.exists(), err
+
+
+def test_integral_figures_read_as_integers():
+    from parity.reports.analysis import _num
+
+    assert (_num(1000.0), _num(65504), _num(0.000123456), _num(2.5)) == (
+        "1000", "65504", "0.000123", "2.5")

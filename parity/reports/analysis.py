@@ -211,6 +211,8 @@ def _num(x, spec: str = ".3g") -> str:
     x = float(x)
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
+    if x.is_integer() and abs(x) < 1e9:  # counts and integral figures as integers, not 1e+03
+        return str(int(x))
     return format(x, spec)
 
 

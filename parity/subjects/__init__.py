@@ -42,6 +42,8 @@ def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = No
     if impl == "hf":
         from parity.subjects import hf_adapter
 
+        # one variant grammar everywhere: `hf` (or none) is transformers' default, eager
         return hf_adapter.run(ckpt, inputs, dtype=dtype, device=device, sites=sites,
-                              attn_implementation=variant, past=past)
+                              attn_implementation=None if variant in (None, "hf") else variant,
+                              past=past)
     raise ParityError(f"unknown --impl {impl!r} (choose from {', '.join(IMPLS)})")
