@@ -76,3 +76,23 @@ def test_integral_figures_read_as_integers():
 
     assert (_num(1000.0), _num(65504), _num(0.000123456), _num(2.5)) == (
         "1000", "65504", "0.000123", "2.5")
+
+
+def test_divergence_csv_keeps_full_precision_and_float_columns():
+    """6 significant digits turned a cosine of 0.9999996 into 1, and an all-integral float
+    column loaded back as int64."""
+    import io
+
+    import pandas as pd
+
+    from parity.engine.compare import COLUMNS
+    from parity.reports.render import render_csv
+
+    row = {c: "x" for c in COLUMNS} | dict(cosine=0.9999996, rel_l2=1.234567891234e-4,
+                                           floor_ratio=1.0, top1=float("nan"), layer=pd.NA,
+                                           nonfinite=0)
+    df = pd.DataFrame([row, row | {"floor_ratio": 2.0}], columns=COLUMNS)
+    back = pd.read_csv(io.BytesIO(render_csv(df)))
+    assert back["cosine"].tolist() == [0.9999996] * 2
+    assert back["rel_l2"].tolist() == [1.234567891234e-4] * 2
+    assert back["floor_ratio"].dtype == "float64" and back["floor_ratio"].tolist() == [1.0, 2.0]

@@ -47,7 +47,9 @@ ATTRIBUTION_COLUMNS = (
 # increasing severity, as the engine ranks them: 'overflow' means the reference itself exceeds
 # the dtype's range at a site (no implementation in that dtype can hold it); 'fail' means the
 # subject made an error over budget, non-finite values where the reference fits included
-FLOAT_FORMAT = "%.6g"     # divergence.csv: 6 significant digits, enough to read, stable to diff
+# divergence.csv keeps every float at full precision (shortest repr that round-trips): a cosine
+# of 0.9999996 must not become 1 and a float column must not load back as int64
+FLOAT_FORMAT = None
 HTML_SIZE_BUDGET = 3_000_000   # bytes; a report page must stay light enough to mail or attach
 FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 
