@@ -146,6 +146,12 @@ def parse_config(d: dict) -> ModelConfig:
             reorder_and_upcast_attn=_bool(d, "reorder_and_upcast_attn", False),
         )
     if fam.rotary and fam.rotary_config == "rotary_dim":
+        if "rotary_dim" in d and d["rotary_dim"] is None:
+            raise ConfigError(
+                "rotary_dim is null: transformers then rotates the whole head with a sin/cos "
+                "table sized for the full hidden width, which no released checkpoint uses and "
+                "this tool does not follow; supported: an even rotary_dim from 2 to the head "
+                f"dim (here {d_model // _int(d, keys['n_head'], dflt['n_head'])})")
         cfg.update(rotary_dim=_get(d, "rotary_dim", default=int(fam.rotary_default)))
     elif fam.rotary:  # a fraction of the head: v5's rope_parameters, or the older spelling
         rope = d.get("rope_parameters") or {}
@@ -200,6 +206,8 @@ def _validate(c: ModelConfig) -> None:
         if r is None:
             raise ConfigError("rotary_dim None is not supported (HF's own handling is broken)")
         if not isinstance(r, int) or r <= 0 or r % 2 or r > c.head_dim:
-            raise ConfigError(f"rotary_dim {r!r} must be even and within the head dim {c.head_dim}")
+            said = "rotary_dim" if "rotary_dim" in c.raw else "the default rotary_dim"
+            raise ConfigError(f"{said} {r!r} is not supported: it must be even and at most the "
+                              f"head dim {c.head_dim} (hidden {c.d_model} / {c.n_head} heads)")
     if not (c.layer_norm_epsilon > 0):
         raise ConfigError(f"layer_norm_epsilon must be positive, got {c.layer_norm_epsilon}")

@@ -96,3 +96,22 @@ def test_divergence_csv_keeps_full_precision_and_float_columns():
     assert back["cosine"].tolist() == [0.9999996] * 2
     assert back["rel_l2"].tolist() == [1.234567891234e-4] * 2
     assert back["floor_ratio"].dtype == "float64" and back["floor_ratio"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("value,needles", [
+    (None, ["rotary_dim is null",
+            "supported: an even rotary_dim from 2 to the head dim (here 16)"]),
+    (64, ["rotary_dim 64 is not supported", "at most the head dim 16 (hidden 64 / 4 heads)"]),
+])
+def test_gptj_rotary_dim_says_what_the_config_says_and_what_is_supported(
+        value, needles, tiny_checkpoints, tmp_path, capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints["gptj"], ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["rotary_dim"] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run(capsys, "gate", ck, "--device", "cpu", "--report", tmp_path / "rep")
+    assert rc == 2 and "PASS" not in out
+    one_error(err, "config.json", *needles)
