@@ -227,17 +227,19 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, what: str = "report folder") -> None:
+    """Before any work: the folder `what` goes to can be made and written (a path that cannot
+    take the output must not be found after a whole run)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ParityError(f"{out}: cannot create report folder ({e.strerror or e})") from None
+        raise ParityError(f"{out}: cannot create the {what} ({e.strerror or e})") from None
     probe = out / ".parity-write-test"
     try:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ParityError(f"{out}: report folder is not writable ({e.strerror or e})") from None
+        raise ParityError(f"{out}: the {what} is not writable ({e.strerror or e})") from None
 
 
 def cmd_gate(a) -> int:
@@ -246,7 +248,9 @@ def cmd_gate(a) -> int:
     out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
     _check_writable(out)
     if a.junit:  # before the run: an unwritable JUnit path must not follow a PASS report
-        _check_writable(Path(a.junit).parent)
+        if Path(a.junit).is_dir():
+            raise ParityError(f"{a.junit}: --junit names a folder, not a file")
+        _check_writable(Path(a.junit).parent, "folder of the --junit file")
     try:
         device = resolve_device(a.device)
         return _gate(a, out, device, normalize_dtype(a.dtype))

@@ -115,3 +115,16 @@ def test_gptj_rotary_dim_says_what_the_config_says_and_what_is_supported(
     rc, out, err = run(capsys, "gate", ck, "--device", "cpu", "--report", tmp_path / "rep")
     assert rc == 2 and "PASS" not in out
     one_error(err, "config.json", *needles)
+
+
+@pytest.mark.parametrize("where,needle", [("blocker/gate.xml", "folder of the --junit file"),
+                                          ("adir", "names a folder")])
+def test_an_unusable_junit_path_is_refused_before_the_work(where, needle, tiny_checkpoints,
+                                                           tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    (tmp_path / "adir").mkdir()
+    rc, out, err = run(capsys, "gate", tiny_checkpoints["gpt2"], "--device", "cpu",
+                       "--report", tmp_path / "rep", "--junit", tmp_path / where)
+    assert rc == 2 and "PASS" not in out
+    one_error(err, needle)
+    assert not (tmp_path / "rep" / "run.json").exists()  # refused before any check ran

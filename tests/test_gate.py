@@ -340,7 +340,7 @@ BAD_INPUTS = [
     ("policy-override-without-reason", _policy(
         '{default}\n[[overrides]]\nsite = "logits"\nkl_max = 1.0\n'),
      ["policy.toml", "overrides[0] has no reason"]),
-    ("unwritable-report-folder", _unwritable_report, ["afile", "cannot create report folder"]),
+    ("unwritable-report-folder", _unwritable_report, ["afile", "cannot create the report folder"]),
     ("unknown-impl", lambda t, c, g: ["--impl", "torchscript"], ["--impl", "torchscript"]),
     ("unknown-device", lambda t, c, g: ["--device", "tpu"], ["--device", "tpu"]),
 ]
