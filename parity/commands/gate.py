@@ -57,8 +57,7 @@ class GateResult:
     @property
     def unchecked(self) -> list[str]:
         """What was not checked, one phrase each ("tokenizer not checked: no tokenizer files")."""
-        return [f"{c.name} not checked: {c.detail.removeprefix('not run: ')}"
-                for c in self.checks if c.verdict == "skip"]
+        return [c.not_checked for c in self.checks if c.verdict == "skip"]
 
     @property
     def verdict_line(self) -> str:
@@ -178,7 +177,7 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                 inputs.attention_mask, inputs.position_ids)
         sub = run("hf", ckpt, inputs, dtype=subject.dtype, device=subject.device,
-                  variant=_hf_variant(subject))
+                  variant=subject.variant)
         floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                   inputs.attention_mask, inputs.position_ids,
                                   floor=subject.dtype if subject.dtype != "float64" else None,
@@ -219,11 +218,6 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
     return Result(name="subject", verdict=verdict, detail=detail, figures=figures), df, meta
 
 
-def _hf_variant(subject: Subject) -> str | None:
-    """The transformers variant of an `--impl hf` subject (`hf` = the default, eager)."""
-    return subject.variant if subject.variant != "hf" else None
-
-
 DETERMINISM_SITES = "embed,blocks.*.resid_post,blocks.*.ln_2,logits"
 
 
@@ -250,7 +244,7 @@ def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: 
         from parity.subjects import run
 
         def once():  # exactly the subject that was judged (its attention implementation too)
-            return run(impl, ckpt, inputs, variant=_hf_variant(subject), dtype=subject.dtype,
+            return run(impl, ckpt, inputs, variant=subject.variant, dtype=subject.dtype,
                        device=subject.device, sites=sites)
     a = once()
     if first:

@@ -239,6 +239,7 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
     it ends with the layer, since the next block starts from the reference."""
     state = {} if state is None else state
     required = B.required_sites(policy)
+    resolvable = B.tolerance("attention_resolvable")  # nats: attention rows the dtype resolves
     common = dict(family=family, checkpoint=label, variant=variant, dtype=subject_dtype,
                   device=device, emulate=emulate, mode=mode)
     out = []
@@ -259,13 +260,14 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
         budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
                               mode=mode, checkpoint=label)
         flo = None if floor_sites is None else floor_sites.get(site)
-        valid = M.valid_mask(site, r, rows)
+        y = sub_sites[site]
+        valid = full = M.valid_mask(site, r, rows)
         note = ""
         if site.endswith("attn.scores") and dtype in M.UNIT_ROUNDOFF:  # this layer's conditioning
             pre = site[: -len("scores")]
             noise = M.score_noise(ref_sites.get(pre + "q"), ref_sites.get(pre + "k"), r,
                                   dtypes.get(pre + "q", dtype), sdt)
-            state["ill"] = M.ill_conditioned_rows(noise, r, B.tolerance("attention_resolvable"))
+            state["ill"] = M.ill_conditioned_rows(noise, r, resolvable)
             if rows is not None:
                 state["ill"] &= np.asarray(rows, bool)[:, None, :]
         elif site.endswith(("attn.probs", "attn.context", "attn.out")) and "ill" in state:
@@ -274,20 +276,17 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
                 valid = M.exclude_rows(site, valid, ill)
                 n_rows = ill.size if rows is None else int(np.asarray(rows).sum()) * ill.shape[1]
                 note = (f"{int(ill.sum())} of {n_rows} query rows not judged: {dtype} cannot "
-                        f"resolve them (rounding puts more than "
-                        f"{B.tolerance('attention_resolvable'):g} nat of typical error into a "
-                        f"score)")
+                        f"resolve them (rounding puts more than {resolvable:g} nat of typical "
+                        f"error into a score)")
         # top-1 counts the rows a subject within budget cannot flip (DECISIVE_MARGIN)
-        m = site_row(site, sub_sites[site], r, flo, rows, sdt, dtype,
+        m = site_row(site, y, r, flo, rows, sdt, dtype,
                      margin_factor=DECISIVE_MARGIN * budget.floor_ratio_fail, valid=valid)
         if note:  # rows not judged still may not hide a non-finite value
-            full = M.valid_mask(site, r, rows) & np.isfinite(r)
-            m["nonfinite"] = int((~np.isfinite(np.asarray(sub_sites[site])[full])).sum())
+            m["nonfinite"] = int((~np.isfinite(np.asarray(y)[full & np.isfinite(r)])).sum())
             if m["nonfinite"]:
                 m["rel_l2"], m["floor_ratio"] = math.inf, math.inf
         if flo is not None:
             m["floor_rms"] = M.floor_rms(flo, r, valid)
-        y = sub_sites[site]
         v, why = verdict(m, budget, site, sdt, dtype,
                          where=lambda scale, what: M.where_text(
                              M.over_limit(y, r, valid, scale), what))

@@ -40,6 +40,16 @@ class Result:
     detail: str = ""
     figures: dict = field(default_factory=dict)
 
+    @property
+    def not_checked(self) -> str:
+        """For a skipped check, what was not checked and why ("tokenizer not checked: ...")."""
+        return not_checked(self.name, self.detail)
+
     def as_dict(self) -> dict:
         return {"check": self.name, "verdict": self.verdict, "detail": self.detail,
                 "figures": self.figures}
+
+
+def not_checked(name: str, detail: str) -> str:
+    """The phrase a verdict line and a report headline give a skipped check."""
+    return f"{name} not checked: {detail.removeprefix('not run: ')}"

@@ -34,7 +34,7 @@ from parity.reports.analysis import (DASH, FINDINGS_CHECKPOINTS, NO_TOP1, SUBJEC
                                      attribution_sentence, deciding_rows, overall_verdict,
                                      subject_table)
 from parity.reports.plots import (_style_keys, plot_errors)
-from parity.engine.verdicts import CHECK_VERDICTS, VERDICTS
+from parity.engine.verdicts import CHECK_VERDICTS, VERDICTS, not_checked
 
 
 DIVERGENCE_COLUMNS = (
@@ -245,8 +245,8 @@ def _checks_verdict(checks: list[dict]) -> str:
 
 def _checks_count(checks: list[dict]) -> str:
     n = {v: sum(c["verdict"] == v for c in checks) for v in CHECK_VERDICTS}
-    skipped = [f"{c['check']} not checked: {str(c.get('detail', '')).removeprefix('not run: ')}"
-               for c in checks if c["verdict"] == "skip"]
+    skipped = [not_checked(c["check"], str(c.get("detail", ""))) for c in checks
+               if c["verdict"] == "skip"]
     return (f"{n['fail']} of {len(checks)} checks fail, {n['warn']} warn, {n['pass']} pass, "
             f"{n['skip']} skipped" + "".join(f"; {x}" for x in skipped))
 
