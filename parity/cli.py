@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--emulate", choices=("on", "off"), default=None)
     g.add_argument("--prompts", default=None, help="one prompt per line: text or token ids")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens the generation check greedy-decodes per prompt (default 16; "
+                        "4 for models over 1e9 weights in bounded memory; 0 skips the check)")
     g.add_argument("--report", default=None, help="report folder (default reports/gate-<time>)")
     g.add_argument("--junit", default=None, help="write a JUnit XML file for CI dashboards")
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -273,7 +276,8 @@ def _gate(a, out: Path, device: str, dtype: str) -> int:
     with console.status("parity gate: starting") as status:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
-                          progress=lambda msg: status.update(f"parity gate: {msg}"))
+                          progress=lambda msg: status.update(f"parity gate: {msg}"),
+                          max_new_tokens=a.max_new_tokens)
     from parity.reports.run import environment
 
     run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict,
@@ -283,7 +287,7 @@ def _gate(a, out: Path, device: str, dtype: str) -> int:
            "environment": environment(device)}
     write_report(out, result.divergence if len(result.divergence) else _empty_divergence(),
                  None, run, title=f"gpt-parity gate: {a.checkpoint}",
-                 checks=[c.as_dict() for c in result.checks])
+                 checks=[c.as_dict() for c in result.checks], generation=result.generation)
     if a.junit:
         write_junit(a.junit, result)
     t = Table(title=f"parity gate {a.checkpoint}")

@@ -1,6 +1,6 @@
 """`parity gate`: may this checkpoint ship, run the fast way?
 
-Four checks, each a named row with its figures and verdict:
+The checks, each a named row with its figures and verdict:
   structure     config readable and supported; every expected weight present, none unexpected
                 (legacy buffers aside); shapes agree with the config; all values finite; storage
                 dtypes; vocabulary: embedding rows against the tokenizer (GPT-J's 143
@@ -9,7 +9,14 @@ Four checks, each a named row with its figures and verdict:
                 at the tolerance its `dtype` metadata implies (catches conversion bugs);
   subject       the subject against the float64 reference on the prompts, per site, in both
                 modes, with the budgets of the policy (lockstep, flat memory for --impl fast);
-  determinism   two subject runs agree bitwise.
+  determinism   two subject runs agree bitwise;
+  cache         tokens decoded with the subject's own KV cache against the reference's full
+                forward and its floor (parity.engine.consistency, accumulated mode);
+  batch         each prompt in the padded batch against itself alone (same module);
+  generation    greedy decoding, --max-new-tokens per prompt, with the subject's KV cache
+                against the float64 reference's (parity.engine.generation): the first divergent
+                step, decisive (fail) or a near-tie the dtype cannot resolve (warn), KL per step
+                and teacher-forced drift after it.
 Verdicts: pass / warn / fail. Exit 0 pass (warn included), 1 fail, 2 bad input. Fails closed:
 an error anywhere is never a pass.
 """
@@ -44,6 +51,7 @@ class GateResult:
     checks: list[Result]
     divergence: pd.DataFrame
     meta: dict
+    generation: pd.DataFrame | None = None  # the generation check's per-step table
 
     @property
     def verdict(self) -> str:
@@ -327,8 +335,14 @@ def enforce_requirements(checks: list[Result], require: list[str], source: str) 
 
 def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: str = "fast",
              variant: str = "hf", dtype: str = "float16", device: str = "cpu",
-             emulate=None, prompts: str | None = None, progress=None) -> GateResult:
+             emulate=None, prompts: str | None = None, progress=None,
+             max_new_tokens: int | None = None) -> GateResult:
+    """`max_new_tokens`: tokens the generation check decodes per prompt (None: the default of
+    `generation.default_new_tokens`; 0: the check is skipped)."""
     t0 = time.perf_counter()
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ParityError(f"--max-new-tokens must be 0 (no generation check) or more, got "
+                          f"{max_new_tokens}")
     policy = B.load_policy(policy_path)
     if impl not in ("fast", "hf"):
         raise ParityError(f"--impl must be fast or hf for the gate, got {impl!r}")
@@ -351,8 +365,9 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl)
     div = pd.DataFrame()
     meta = {}
+    gen = None
     if checks[0].verdict == "fail":  # structure
-        for name in ("subject", "determinism"):
+        for name in ("subject", "determinism", "cache", "batch", "generation"):
             checks.append(Result(name=name, verdict="skip",
                                  detail="not run: the structure check failed"))
     else:
@@ -361,6 +376,9 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
         if progress:
             progress("determinism")
         checks.append(determinism_check(ckpt, inputs, subject, impl, meta.pop("first_run", None)))
+        checks += consistency_rows(ckpt, inputs, subject, policy, impl, progress)
+        c, gen = generation_row(ckpt, inputs, subject, policy, impl, max_new_tokens, progress)
+        checks.append(c)
     enforce_requirements(checks, B.gate_requirements(policy)["require"],
                          policy_path or str(B.DEFAULT_FILE))
     meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
@@ -368,7 +386,28 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
                 prompts=prompts or "built-in batch ({} x {} tokens: full, left-padded by a "
                 "quarter and a half, a repeated motif)".format(*inputs.input_ids.shape),
                 policy=policy_path or str(B.DEFAULT_FILE))
-    return GateResult(checks, div, meta)
+    return GateResult(checks, div, meta, gen)
+
+
+def consistency_rows(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: dict,
+                     impl: str, progress=None) -> list[Result]:
+    """The `cache` and `batch` rows (bounded memory for --impl fast, like the lockstep)."""
+    from parity.engine.consistency import gate_rows
+
+    return gate_rows(ckpt, inputs, subject, policy, bounded=impl == "fast",
+                     label=ckpt.path.name, progress=progress)
+
+
+def generation_row(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: dict, impl: str,
+                   max_new_tokens: int | None, progress=None) -> tuple[Result, pd.DataFrame | None]:
+    """The `generation` row and its per-step table (skipped with --max-new-tokens 0)."""
+    from parity.engine import generation as G
+
+    if max_new_tokens == 0:
+        return G.skipped("--max-new-tokens 0"), None
+    g = G.generation_check(ckpt, inputs, subject, max_new_tokens=max_new_tokens, policy=policy,
+                           bounded=impl == "fast", progress=progress)
+    return g.result, g.steps
 
 
 def write_error_artifacts(report_dir: Path, junit: str | None, message: str) -> None:

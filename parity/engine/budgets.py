@@ -73,7 +73,8 @@ OPTIONAL_KEYS = ("rel_l2_max",)
 # must expose (globs; `block-outputs` = every block's output stream) and the checks that may
 # not be skipped (e.g. "tokenizer" for a release that ships tokenizer files)
 DEFAULT_GATE = {"require_sites": ["logits", "block-outputs"], "require": []}
-GATE_CHECKS = ("structure", "tokenizer", "golden", "subject", "determinism")
+GATE_CHECKS = ("structure", "tokenizer", "golden", "subject", "determinism", "cache", "batch",
+               "generation")
 MATCH_KEYS = ("family", "variant", "site", "dtype", "mode", "checkpoint")
 
 

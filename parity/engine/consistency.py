@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-import reference
 from reference.sites import site_kind
 
 from parity.engine import budgets as B
@@ -30,6 +29,8 @@ from parity.engine.compare import (COLUMNS, MODES, Subject, block_inputs, compar
                       make_records, to_frame, token_rows, wide_sites)
 from parity.devices import emulated
 from parity.checkpoints.inputs import Inputs
+from parity.engine.reference_runner import ReferenceRunner
+from parity.engine.verdicts import FAILING, NOT_DIVERGENT, Result
 
 CHECK_COLUMNS = COLUMNS + ["check", "case"]
 CHECKS = ("layers", "cache", "batch")
@@ -66,13 +67,13 @@ def _model(ckpt, subject: Subject, model_factory):
                 emulate=subject.emulate)
 
 
-def _floor(cfg, weights, inputs: Inputs, streams, dtype: str, wide: dict, mode: str):
+def _floor(runner: ReferenceRunner, inputs: Inputs, streams, dtype: str, wide: dict, mode: str,
+           sites=None):
     if dtype not in ("float16", "bfloat16", "float32"):
         return None
     if mode == "local":
-        return floor_local(cfg, weights, inputs, streams, dtype, wide)
-    return reference.forward(cfg, weights, inputs.input_ids, inputs.attention_mask,
-                             inputs.position_ids, floor=dtype, floor_sites=wide).sites
+        return floor_local(runner.cfg, runner.weights, inputs, streams, dtype, wide)
+    return runner.forward(inputs, sites=sites, floor=dtype, floor_sites=wide).sites
 
 
 def _records(ref, sub, flo, dtypes, rows, policy, *, mode, cfg, label, subject, meta, check,
@@ -110,10 +111,14 @@ def default_split(inputs: Inputs) -> int:
 
 
 def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, label="",
-                 modes=MODES, policy=None, model_factory=None) -> pd.DataFrame:
+                 modes=MODES, policy=None, model_factory=None, runner=None,
+                 sites=None) -> pd.DataFrame:
     """Check `cache`: tokens [split, T) decoded with past = the subject's own cache of tokens
-    [0, split), against the reference's full forward and its rounding floor."""
-    cfg, weights = ckpt.config, ckpt.weights()
+    [0, split), against the reference's full forward and its rounding floor. `runner`: the
+    reference (default in memory; `ReferenceRunner(ckpt, bounded=True)` streams weights);
+    `sites`: globs of the sites compared (block inputs and logits at least; default all)."""
+    cfg = ckpt.config
+    runner = runner or ReferenceRunner(ckpt)
     policy = policy or B.load_policy()
     ids, mask, pos = inputs.input_ids, inputs.attention_mask, inputs.position_ids
     t = ids.shape[1]
@@ -122,7 +127,7 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
     s = default_split(inputs) if split is None else split
     if not 1 <= s < t:
         raise ValueError(f"split {s} outside [1, {t})")
-    ref = reference.forward(cfg, weights, ids, mask, pos)
+    ref = runner.forward(inputs, sites=sites)
     streams = block_inputs(ref, cfg)
     head = Inputs(ids[:, :s], _cut(mask, slice(None, s)), _cut(pos, slice(None, s)))
     tail = Inputs(ids[:, s:], mask, _cut(pos, slice(s, None)))  # mask covers past + new
@@ -137,11 +142,12 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
                 first = forward_local(model, head, [z[:, :s] for z in streams])
                 out = forward_local(model, tail, [z[:, s:] for z in streams], past=first.cache)
             else:
-                out = model.forward(tail, past=model.forward(head).cache)
+                out = model.forward(tail, sites=sites,
+                                    past=model.forward(head, sites=sites).cache)
             dtype = out.meta.get("dtype", subject.dtype)
             key = (mode, dtype, tuple(sorted(wide_sites(out.dtypes, dtype).items())))
             if key not in floors:
-                flo = _floor(cfg, weights, inputs, streams, dtype, dict(key[2]), mode)
+                flo = _floor(runner, inputs, streams, dtype, dict(key[2]), mode, sites)
                 floors[key] = None if flo is None else {
                     k: take(k, v, queries=slice(s, None)) for k, v in flo.items()}
             records += _records(tail_ref, out.sites, floors[key], dict(out.dtypes), rows, policy,
@@ -151,35 +157,38 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
 
 
 def batch_check(ckpt, inputs: Inputs, subjects, *, label="", modes=MODES, policy=None,
-                model_factory=None) -> pd.DataFrame:
+                model_factory=None, runner=None, sites=None) -> pd.DataFrame:
     """Check `batch`: each row's real positions in the (padded) batch against the reference of
-    that row alone, unpadded, with the same position ids, and that row's rounding floor."""
-    cfg, weights = ckpt.config, ckpt.weights()
+    that row alone, unpadded, with the same position ids, and that row's rounding floor.
+    `runner`, `sites`: as for `decode_check`."""
+    cfg = ckpt.config
+    runner = runner or ReferenceRunner(ckpt)
     policy = policy or B.load_policy()
     ids, mask, pos = inputs.input_ids, inputs.attention_mask, inputs.position_ids
     b, t = ids.shape
     if b == 1 and (mask is None or np.all(mask != 0)):
         return frame([])  # one unpadded row: the batch is the row alone
     full_pos = np.broadcast_to(np.arange(t), (b, t)) if pos is None else np.asarray(pos)
-    ref = reference.forward(cfg, weights, ids, mask, pos)
+    ref = runner.forward(inputs, sites=sites)
     streams = block_inputs(ref, cfg)
     alone = []
     for r in range(b):
         real = np.arange(t) if mask is None else np.flatnonzero(np.asarray(mask)[r] != 0)
         inp = Inputs(ids[r:r + 1, real], None, full_pos[r:r + 1, real].copy())
-        ref_r = reference.forward(cfg, weights, inp.input_ids, None, inp.position_ids)
+        ref_r = runner.forward(inp, sites=sites)
         alone.append((real, inp, ref_r, block_inputs(ref_r, cfg)))
     records, floors = [], {}
     for subject in subjects:
         model = _model(ckpt, subject, model_factory)
         for mode in modes:
-            out = forward_local(model, inputs, streams) if mode == "local" else model.forward(inputs)
+            out = (forward_local(model, inputs, streams) if mode == "local"
+                   else model.forward(inputs, sites=sites))
             dtype = out.meta.get("dtype", subject.dtype)
             wide = tuple(sorted(wide_sites(out.dtypes, dtype).items()))
             for r, (real, inp, ref_r, streams_r) in enumerate(alone):
                 key = (r, mode, dtype, wide)
                 if key not in floors:
-                    floors[key] = _floor(cfg, weights, inp, streams_r, dtype, dict(wide), mode)
+                    floors[key] = _floor(runner, inp, streams_r, dtype, dict(wide), mode, sites)
                 sub = {k: take(k, v, slice(r, r + 1), real, real) for k, v in out.sites.items()}
                 records += _records(ref_r.sites, sub, floors[key], dict(out.dtypes), None,
                                     policy, mode=mode, cfg=cfg, label=label, subject=subject,
@@ -204,3 +213,98 @@ def first_divergent(df: pd.DataFrame, mode: str = "local") -> pd.DataFrame:
     keys = ["check", "family", "checkpoint", "variant", "dtype"]
     return bad.groupby(keys, sort=False).head(1)[keys + ["case", "site", "layer", "verdict",
                                                          "reason", "floor_ratio"]]
+
+
+# ----------------------------------------------------------------------------- gate rows
+def gate_sites(family: str) -> str:
+    """What the gate's cache and batch rows compare: the embedding, every block's attention
+    scores and probabilities and output stream, the final LayerNorm and the logits (the sites
+    that carry a cache or padding error; the rest of each block is the subject check's job), so
+    that a deep model's traces stay small."""
+    from reference.sites import block_output_site
+
+    return ("embed,blocks.*.attn.scores,blocks.*.attn.probs,"
+            f"blocks.*.{block_output_site(family)},ln_f,logits")
+
+
+def gate_result(name: str, df: pd.DataFrame, what: str) -> Result:
+    """One gate row from a consistency frame: the worst verdict, with figures (cases, sites
+    compared and over budget, worst floor ratio, logits floor ratio and KL, non-finite values)
+    and the first site that is not a pass, with its case and why."""
+    from parity.engine.compare import overall
+
+    judged = df[df["verdict"] != "not_exposed"]
+    logits = df[df["site"] == "logits"]
+    figures = {"cases": int(df["case"].nunique()), "sites_compared": int(len(judged)),
+               "sites_over_budget": int(df["verdict"].isin(FAILING).sum()),
+               "worst_floor_ratio": _num(judged["floor_ratio"].max()),
+               "logits_floor_ratio": _num(logits["floor_ratio"].max()),
+               "logits_kl": _num(logits["kl"].max()),
+               "nonfinite": int(df["nonfinite"].fillna(0).sum())}
+    v = overall(df)
+    bad = df[~df["verdict"].isin(NOT_DIVERGENT)]
+    if bad.empty:
+        n = figures["cases"]
+        detail = f"{what}: every site within budget ({n} case{'s' if n != 1 else ''})"
+    else:
+        b = bad.iloc[0]
+        detail = (f"{what}: first divergent site {b['site']} ({b['case']}, {b['verdict']}: "
+                  f"{b['reason']})")
+    return Result(name=name, verdict={"pass": "pass", "warn": "warn"}.get(v, "fail"),
+                  detail=detail, figures=figures)
+
+
+def _num(x):
+    import math
+
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def gate_rows(ckpt, inputs: Inputs, subject: Subject, policy: dict, *, bounded: bool,
+              label: str = "", progress=None) -> list[Result]:
+    """The gate's `cache` and `batch` rows, in accumulated mode (the subject check runs both
+    modes; `parity detection` runs these two in both to pin a layer). `bounded`: reference and
+    floor stream their weights and the fast path keeps none (the gate's --impl fast)."""
+    from reference import family
+
+    from parity.engine.generation import subject_model
+
+    runner = ReferenceRunner(ckpt, bounded=bounded)
+    sites = gate_sites(ckpt.config.family)
+    model = None
+
+    def factory(ck, variant, **kw):  # one model for both rows
+        nonlocal model
+        model = model or subject_model(ck, subject, bounded=bounded)
+        return model
+
+    kw = dict(label=label, modes=("accumulated",), policy=policy, model_factory=factory,
+              runner=runner, sites=sites)
+    rows = []
+    fam = family(ckpt.config.family)
+    if progress:
+        progress("cache")
+    if subject.impl == "hf" and not fam.hf_cache:
+        rows.append(Result(name="cache", verdict="skip",
+                           detail=f"not run: transformers' {fam.hf_class} keeps no key/value "
+                                  f"cache (the generation check re-runs the whole sequence "
+                                  f"for each token instead)"))
+    else:
+        df = decode_check(ckpt, inputs, [subject], **kw)
+        s = default_split(inputs)
+        rows.append(gate_result("cache", df, f"tokens {s}..{inputs.input_ids.shape[1] - 1} "
+                                             f"decoded with the subject's KV cache of 0..{s - 1}")
+                    if len(df) else Result(name="cache", verdict="skip",
+                                           detail="not run: the prompts are one token long"))
+    if progress:
+        progress("batch")
+    df = batch_check(ckpt, inputs, [subject], **kw)
+    rows.append(gate_result("batch", df, "each prompt in the padded batch against itself alone")
+                if len(df) else Result(name="batch", verdict="skip",
+                                       detail="not run: one unpadded prompt (the batch is the "
+                                              "prompt alone)"))
+    return rows

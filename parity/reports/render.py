@@ -56,14 +56,16 @@ FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 
 # ============================================================================ entry points
 def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | None,
-                 run: dict, title: str, checks: list[dict] | None = None) -> dict[str, Path]:
+                 run: dict, title: str, checks: list[dict] | None = None,
+                 generation: pd.DataFrame | None = None) -> dict[str, Path]:
     """Render the four report files into `out_dir` (created if needed), each written to a
     temporary file and renamed, so a reader never sees half a report file. Returns
     name -> path. Raises ParityError for malformed frames or a folder that cannot be written.
 
     `checks` (the gate's): dicts with `check`, `verdict` (pass|warn|fail|skip), `detail` and
     optional `figures`; given, they decide the headline verdict and the divergence frame may be
-    empty (a gate that compared nothing layer by layer)."""
+    empty (a gate that compared nothing layer by layer). `generation`: the gate's generation
+    check, one row per prompt x step (parity.engine.generation.STEP_COLUMNS), shown per prompt."""
     _check_frames(divergence, attribution, checks)
     out = Path(out_dir)
     try:
@@ -73,8 +75,10 @@ def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | 
     contents = {
         "divergence.csv": render_csv(divergence),
         "run.json": render_json(run),
-        "summary.md": render_markdown(divergence, attribution, run, title, checks).encode(),
-        "index.html": render_html(divergence, attribution, run, title, checks).encode(),
+        "summary.md": render_markdown(divergence, attribution, run, title, checks,
+                                      generation).encode(),
+        "index.html": render_html(divergence, attribution, run, title, checks,
+                                  generation).encode(),
     }
     return {name: _write_atomic(out, name, data) for name, data in contents.items()}
 
@@ -142,7 +146,7 @@ class DocTable:
 
 
 def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots: bool,
-              checks: list[dict] | None = None) -> list:
+              checks: list[dict] | None = None, generation: pd.DataFrame | None = None) -> list:
     """The report as blocks: ('h1'|'h2'|'h3'|'p', text), ('verdict', (label, VERDICT,
     detail)), ('table', DocTable),
     ('ul', [text]), ('img', (png_bytes, caption)). Markdown and HTML render the same list."""
@@ -151,6 +155,8 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
         blocks.append(("verdict", ("Overall verdict", _checks_verdict(checks),
                                    _checks_count(checks))))
         blocks += [("h2", "Gate checks"), ("table", _checks_table(checks))]
+    if generation is not None and len(generation):
+        blocks += _generation_blocks(generation)
     if div.empty:
         blocks.append(("p", "No layer-by-layer comparison was made in this run."))
         return blocks + _run_blocks(run)
@@ -234,6 +240,40 @@ def _run_blocks(run: dict) -> list:
                 (Cell(k), Cell(v)) for k, v in _flatten(stable))))]
 
 
+
+
+def _generation_blocks(steps: pd.DataFrame) -> list:
+    """Per prompt: the tokens of both sides, the first divergent step with the reference's
+    margin against what the dtype resolves there, and KL before and after it."""
+    rows = []
+    for p, g in steps.groupby("prompt", sort=True):
+        g = g.sort_values("step")
+        div = g[g["phase"] == "divergence"]
+        decisive = bool(len(div)) and div.iloc[0]["ref_margin"] > div.iloc[0]["resolvable"]
+        first = "none" if not len(div) else (
+            f"step {int(div.iloc[0]['step'])}: {'decisive' if decisive else 'near-tie'}, margin "
+            f"{_num(div.iloc[0]['ref_margin'])} vs {_num(div.iloc[0]['resolvable'])}")
+        before, after = g[g["phase"] != "drift"], g[g["phase"] == "drift"]
+        verdict = ("fail" if decisive or g["nonfinite"].any() else
+                   "warn" if len(div) else "pass")
+        rows.append((Cell(str(p)), Cell(" ".join(map(str, g["ref_token"]))),
+                     Cell(" ".join(map(str, g["sub_token"]))),
+                     Cell(f"{g['match'].mean():.3g}"), Cell(first, verdict),
+                     Cell(_num(before["kl"].mean())),
+                     Cell(_num(after["kl"].mean()) if len(after) else DASH),
+                     Cell(_num(g["kl"].iloc[-1]))))
+    return [("h2", "Generation"),
+            ("p", "Greedy decoding per prompt: the subject with its own KV cache against the "
+                  "float64 reference with its cache. First divergence: the first step whose "
+                  "token differs, with the reference's top-1 margin (top-1 minus top-2 logit) "
+                  "against what the dtype can resolve there (budgets.toml "
+                  "generation_decisive_margin x floor_ratio_fail x the rounding floor's largest "
+                  "logit error): decisive fails, a near-tie warns. KL = KL(reference || subject) "
+                  "of the next-token distribution, the subject fed the reference's tokens (after "
+                  "the divergence: teacher-forced drift)."),
+            ("table", DocTable(("prompt", "reference tokens", "subject tokens", "exact match",
+                                "first divergence", "KL up to it", "KL after (drift)",
+                                "KL last step"), tuple(rows)))]
 
 
 def _checks_verdict(checks: list[dict]) -> str:
@@ -490,9 +530,9 @@ def _json_default(o):
     return str(o)
 
 
-def render_markdown(div, attribution, run, title, checks=None) -> str:
+def render_markdown(div, attribution, run, title, checks=None, generation=None) -> str:
     out = []
-    for kind, body in _document(div, attribution, run, title, False, checks):
+    for kind, body in _document(div, attribution, run, title, False, checks, generation):
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + body)
         elif kind == "verdict":
@@ -536,11 +576,11 @@ li{margin:.2em 0}
 """.strip()
 
 
-def render_html(div, attribution, run, title, checks=None) -> str:
+def render_html(div, attribution, run, title, checks=None, generation=None) -> str:
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>"]
-    for kind, body in _document(div, attribution, run, title, True, checks):
+    for kind, body in _document(div, attribution, run, title, True, checks, generation):
         if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(body)}</{kind}>")
         elif kind == "verdict":
