@@ -8,6 +8,8 @@ From a notebook:
 
     import parity
     df = parity.compare("path/to/ckpt", variants=["hf", "meg"], dtypes=["fp16"])
+    g = parity.generate_compare("path/to/ckpt", dtype="fp16", max_new_tokens=16)
+    g.verdict, g.result.figures, g.steps        # greedy decoding against the reference's
 """
 
 __version__ = "0.1.0"
@@ -18,4 +20,8 @@ def __getattr__(name):  # `parity.compare` without importing torch at `import pa
         from parity.engine.compare import run
 
         return run
+    if name == "generate_compare":
+        from parity.engine.generation import generate_compare
+
+        return generate_compare
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -128,23 +128,26 @@ def test_a_healthy_checkpoint_passes_with_a_full_report(family, tiny_checkpoints
     for f in REPORT_FILES:
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     c = checks(rep)
-    assert list(c) == ["structure", "tokenizer", "subject", "determinism"]
+    assert list(c) == ["structure", "tokenizer", "subject", "determinism", "cache", "batch",
+                       "generation"]
     # no tokenizer files in a made checkpoint: that row is skipped, every other passes
     assert c["tokenizer"]["verdict"] == "skip"
     assert {k: v["verdict"] for k, v in c.items() if k != "tokenizer"} == dict.fromkeys(
-        ["structure", "subject", "determinism"], "pass")
+        ["structure", "subject", "determinism", "cache", "batch", "generation"], "pass")
     assert c["structure"]["figures"]["family"] == family
     assert c["subject"]["figures"]["sites_over_budget"] == 0
     assert c["determinism"]["figures"]["sites_differing"] == 0
     summary = (rep / "summary.md").read_text()
     assert "Overall verdict: PASS" in summary
-    for name in ("structure", "subject", "determinism"):
+    for name in ("structure", "subject", "determinism", "cache", "batch", "generation"):
         assert f"| {name} | pass |" in summary
+    assert c["generation"]["figures"]["exact_match"] == 1.0  # greedy tokens as the reference's
+    assert "## Generation" in summary
     div = pd.read_csv(rep / "divergence.csv")
     assert set(div["family"]) == {family} and set(div["mode"]) == {"accumulated", "local"}
     assert (div["verdict"] == "pass").all() and "logits" in set(div["site"])
     suite = ET.parse(junit).getroot()
-    assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert suite.tag == "testsuite" and suite.get("tests") == "7" and suite.get("failures") == "0"
     cases = suite.findall("testcase")
     assert [t.get("name") for t in cases] == list(c)
     assert not suite.findall(".//failure") and not suite.findall(".//error")
@@ -163,15 +166,18 @@ def test_stress_gpt2_overflows_in_hf_numerics_and_passes_in_megatron_numerics(
     assert c["subject"]["figures"]["nonfinite"] > 0
     assert "Overall verdict: FAIL" in (rep / "summary.md").read_text()
     suite = ET.parse(junit).getroot()
-    assert suite.get("failures") == "1"
+    assert suite.get("failures") == "4"
     failing = [t.get("name") for t in suite.findall("testcase") if t.find("failure") is not None]
-    assert failing == ["subject"]
+    # the overflow fails every check that runs the subject: one forward, the cache, the padded
+    # batch, greedy decoding (determinism holds: the same infs twice)
+    assert failing == ["subject", "cache", "batch", "generation"]
     assert "attn.scores" in suite.find("testcase[@name='subject']/failure").get("message")
 
     rep = tmp_path / "meg"
     rc, out, err = gate(capsys, stress_gpt2, "--variant", "meg", report=rep)
     assert (rc, err) == (0, ""), err
-    assert checks(rep)["subject"]["verdict"] == "pass"
+    assert {k: v["verdict"] for k, v in checks(rep).items() if k != "tokenizer"} == dict.fromkeys(
+        ["structure", "subject", "determinism", "cache", "batch", "generation"], "pass")
 
 
 def test_nan_weights_are_a_failing_verdict_naming_the_tensor(tiny_checkpoints, tmp_path,
@@ -188,11 +194,11 @@ def test_nan_weights_are_a_failing_verdict_naming_the_tensor(tiny_checkpoints, t
     assert c["structure"]["verdict"] == "fail"
     assert "h.1.mlp.c_fc.weight" in c["structure"]["detail"]
     assert "h.2.attn.c_proj.bias" in c["structure"]["detail"]
-    for name in ("subject", "determinism", f"golden:{golden.name}"):
+    for name in ("subject", "determinism", "cache", "batch", "generation", f"golden:{golden.name}"):
         assert c[name]["verdict"] == "skip", name
     assert "Overall verdict: FAIL" in (rep / "summary.md").read_text()
     suite = ET.parse(junit).getroot()
-    assert (suite.get("failures"), suite.get("skipped")) == ("1", "4")  # tokenizer: no files
+    assert (suite.get("failures"), suite.get("skipped")) == ("1", "7")  # tokenizer: no files
     assert suite.find("testcase[@name='structure']/failure") is not None
 
 

@@ -218,12 +218,13 @@ def first_divergent(df: pd.DataFrame, mode: str = "local") -> pd.DataFrame:
 # ----------------------------------------------------------------------------- gate rows
 def gate_sites(family: str) -> str:
     """What the gate's cache and batch rows compare: the embedding, every block's attention
-    scores and probabilities and output stream, the final LayerNorm and the logits (the sites
-    that carry a cache or padding error; the rest of each block is the subject check's job), so
-    that a deep model's traces stay small."""
+    (q and k too: they tell which attention rows the dtype can resolve, `metrics.score_noise`)
+    and output stream, the final LayerNorm and the logits (the sites that carry a cache or
+    padding error; the rest of each block is the subject check's job), so that a deep model's
+    traces stay small."""
     from reference.sites import block_output_site
 
-    return ("embed,blocks.*.attn.scores,blocks.*.attn.probs,"
+    return ("embed,blocks.*.attn.q,blocks.*.attn.k,blocks.*.attn.scores,blocks.*.attn.probs,"
             f"blocks.*.{block_output_site(family)},ln_f,logits")
 
 

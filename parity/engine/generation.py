@@ -19,9 +19,10 @@ What runs (B prompts, N new tokens):
 
 Figures: tokens compared, exact-match share (free-running tokens equal to the reference's), the
 first divergent step per prompt and, at that step, the reference's top-1 margin (top-1 minus
-top-2 logit) against what the dtype can resolve there: `generation_decisive_margin` x
-floor_ratio_fail x the floor's largest logit error in that row (a subject within budget moves
-each logit by at most floor_ratio_fail x the floor's error, and two logits are involved). A
+top-2 logit) against what the dtype can resolve: `generation_decisive_margin` x
+floor_ratio_fail x the floor's largest logit error over the decoded steps (a subject within
+budget moves a logit by about floor_ratio_fail x the floor's error at most, and two logits are
+involved; the largest over all steps, not one row's own draw, which is luck). A
 divergence beyond that margin is decisive: fail. Within it the dtype cannot decide the token: a
 near-tie, warn, with both numbers in the reason. KL(reference || subject) per step (teacher-forced
 rows: up to the divergence and the drift after it), judged like the logits of the subject check:
@@ -293,6 +294,11 @@ def judge(cfg, subject: Subject, dtype: str, policy: dict, r_tok, r_logits, free
     margin = top2[..., 1] - top2[..., 0]  # (B, N)
     noise = (np.abs(np.where(np.isfinite(f_logits), f_logits, np.inf) - r_logits).max(axis=-1)
              if f_logits is not None else np.full((b, n), np.nan))
+    # the yardstick: the floor's largest logit error over every decoded step. One row's own
+    # error is a single draw of the rounding; on models whose attention rows the dtype cannot
+    # resolve (OpenAI GPT stress) a healthy subject's row error reaches several times the floor's
+    # draw there, and a per-row yardstick called a 16.1x margin "decisive" against a limit of 16
+    scale = float(noise.max()) if noise.size else math.nan
     lr = M.log_softmax(r_logits.reshape(-1, r_logits.shape[-1]))
     kl = _kl_rows(lr, tf_logits.reshape(-1, r_logits.shape[-1])).reshape(b, n)
     floor_kl = (_kl_rows(lr, f_logits.reshape(-1, r_logits.shape[-1])).reshape(b, n)
@@ -310,7 +316,7 @@ def judge(cfg, subject: Subject, dtype: str, policy: dict, r_tok, r_logits, free
                              sub_token=int(free_tok[r, s]),
                              forced_token=int(forced_choice[r, s]), match=bool(match[r, s]),
                              phase=phase, ref_margin=float(margin[r, s]),
-                             floor_noise=float(noise[r, s]), resolvable=float(k * noise[r, s]),
+                             floor_noise=float(noise[r, s]), resolvable=float(k * scale),
                              kl=float(kl[r, s]), floor_kl=float(floor_kl[r, s]),
                              nonfinite=bool(nonfinite_free[r, s] or nonfinite_tf[r, s])))
     steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
@@ -341,6 +347,8 @@ def judge(cfg, subject: Subject, dtype: str, policy: dict, r_tok, r_logits, free
         "kl_last_step": _mean(kl[:, -1]),
         "kl_max_step": float(kl.max()) if kl.size else 0.0,
         "floor_kl": None if not math.isfinite(mean_floor_kl) else mean_floor_kl,
+        "floor_logit_error": None if not math.isfinite(scale) else scale,
+        "decisive_margin": None if not math.isfinite(scale) else k * scale,
         "logits_floor_ratio": None if math.isnan(fr) else fr,
         "decoding": ("KV cache" if has_cache else
                      "no cache in this subject: the whole sequence re-run per token"),
@@ -349,11 +357,11 @@ def judge(cfg, subject: Subject, dtype: str, policy: dict, r_tok, r_logits, free
         figures["new_tokens_asked"] = asked
 
     # verdicts, worst first
-    where = "; ".join(_divergence_text(r, first[r], r_tok, free_tok, margin, noise, k, dtype)
+    where = "; ".join(_divergence_text(r, first[r], r_tok, free_tok, margin, scale, k, dtype)
                       for r in diverged[:3]) + (f"; and {len(diverged) - 3} more prompts"
                                                 if len(diverged) > 3 else "")
     decisive = [r for r in diverged if f_logits is not None
-                and margin[r, first[r]] > k * noise[r, first[r]]]
+                and margin[r, first[r]] > k * scale]
     fails, warns = [], []
     if (nonfinite_free | nonfinite_tf).any():
         r, s = np.argwhere(nonfinite_free | nonfinite_tf)[0]
@@ -399,12 +407,12 @@ def _mean(a) -> float | None:
     return float(a.mean()) if np.isfinite(a).all() else math.inf
 
 
-def _divergence_text(r, d, r_tok, free_tok, margin, noise, k, dtype) -> str:
-    m, z = float(margin[r, d]), float(noise[r, d])
-    kind = "decisive" if m > k * z else "near-tie"
+def _divergence_text(r, d, r_tok, free_tok, margin, scale, k, dtype) -> str:
+    m = float(margin[r, d])
+    kind = "decisive" if m > k * scale else "near-tie"
     return (f"prompt {r}: first divergent step {d} (reference token {int(r_tok[r, d])}, subject "
-            f"{int(free_tok[r, d])}): reference top-1 margin {m:.3g} vs {k * z:.3g} that "
-            f"{dtype} can resolve there ({k:g} x the floor's logit error {z:.3g}): {kind}")
+            f"{int(free_tok[r, d])}): reference top-1 margin {m:.3g} vs {k * scale:.3g} that "
+            f"{dtype} can resolve ({k:g} x the floor's largest logit error {scale:.3g}): {kind}")
 
 
 def skipped(reason: str) -> Result:
