@@ -222,3 +222,30 @@ def test_parity_generate_compare_is_the_generation_check(tiny_checkpoints):
     assert g.result.figures["tokens_compared"] == 4
     with pytest.raises(ParityError, match="out of range"):
         parity.generate_compare(tiny_checkpoints["gpt2"], np.array([[1, 2, 10**6]]))
+
+
+def test_the_gate_batch_row_pools_rows_and_sees_a_leaking_pad(tiny_checkpoints):
+    """The batch row judges every row's real tokens pooled (a three-token prompt alone is a
+    few dozen elements per site, where a floor ratio is noise): a subject whose real tokens see
+    the pads fails it, the healthy one passes."""
+    import torch
+
+    from parity.engine.consistency import gate_sites, pooled_batch_check
+    from tests.mutants import Mutant
+
+    class PadsLeak(Mutant):
+        def visible(self, ctx, i):
+            vis = super().visible(ctx, i)
+            causal = torch.arange(vis.shape[-1])[None, :] <= ctx.q_index[:, None]
+            return vis | causal[None, None]
+
+    ck = load_checkpoint(tiny_checkpoints["gpt_neo"])
+    ids = np.array([[464, 3, 290, 318, 11, 7, 8, 9, 10, 12, 13], [0] * 8 + [5, 6, 7]])
+    mask = (np.arange(11)[None] >= np.array([[0], [8]])).astype(np.int64)
+    inp = Inputs(ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+    sites = gate_sites("gpt_neo")
+    healthy = pooled_batch_check(ck, inp, FP16, sites=sites)
+    assert set(healthy["case"]) == {"2 rows pooled, 8 pads (tokens row 0: 0..10; row 1: 11..13)"}
+    assert set(healthy["verdict"]) == {"pass"}, healthy[["site", "reason"]]
+    leak = pooled_batch_check(ck, inp, FP16, sites=sites, model_factory=PadsLeak)
+    assert leak["verdict"].isin(["fail"]).any()
