@@ -215,12 +215,10 @@ def _kl_rows(lr: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _wide_sites(model, inputs: Inputs, dtype: str, n_layer: int) -> dict:
-    """Sites the subject keeps wider than its dtype (upcast scores, fp32 softmax), read off one
-    small forward of block 0 and applied to every block (the floor keeps them wide too)."""
-    first = Inputs(np.asarray(inputs.input_ids)[:1, -1:], None, None)
-    tr = model.forward(first, sites="blocks.0.*")
-    kinds = {k.removeprefix("blocks.0."): v for k, v in tr.dtypes.items()
+def _wide_sites(dtypes: dict, dtype: str, n_layer: int) -> dict:
+    """Sites the subject keeps wider than its dtype (upcast scores, fp32 softmax), read off
+    block 0's site dtypes and applied to every block."""
+    kinds = {k.removeprefix("blocks.0."): v for k, v in dtypes.items()
              if k.startswith("blocks.0.") and v != dtype}
     return {f"blocks.{i}.{k}": v for i in range(n_layer) for k, v in kinds.items()}
 
@@ -258,8 +256,17 @@ def generation_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, *,
     both = Inputs(_twice(inputs.input_ids), _twice(inputs.attention_mask),
                   _twice(inputs.position_ids))
     forced = np.concatenate([np.full_like(r_tok, -1), r_tok], axis=0)
-    sub_fwd = (lambda inp, past: model.forward(inp, sites="logits", past=past)) if has_cache \
-        else (lambda inp, past: model.forward(inp, sites="logits"))
+    first: dict = {}
+
+    def sub_fwd(inp, past):
+        """The prompt step also records block 0's sites: their dtypes say which sites the
+        subject keeps wide (the floor keeps them wide too)."""
+        sites = "logits" if first else "logits,blocks.0.*"
+        tr = model.forward(inp, sites=sites, past=past) if has_cache else \
+            model.forward(inp, sites=sites)
+        first.setdefault("dtypes", dict(tr.dtypes))
+        return tr
+
     s_tok, s_logits = greedy_decode(sub_fwd, both, n, has_cache=has_cache, forced=forced,
                                     progress=say("subject"))
     free_tok, tf_logits = s_tok[:b], s_logits[b:]
@@ -271,7 +278,7 @@ def generation_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, *,
     floor = dtype if dtype in ("float16", "bfloat16", "float32") else None
     f_logits = None
     if floor:
-        wide = _wide_sites(model, inputs, dtype, cfg.n_layer)
+        wide = _wide_sites(first["dtypes"], dtype, cfg.n_layer)
         if progress:
             progress("generation: rounding floor")
         ftr = ref.forward(_extended(inputs, r_tok[:, :-1]), sites="logits", floor=floor,
