@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="one prompt per line: text or token ids")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens the generation check greedy-decodes per prompt (default 16; "
-                        "4 for models over 1e9 weights in bounded memory; 0 skips the check)")
+                        "0 skips the check; models over 1e9 weights with --impl fast skip the "
+                        "cache, batch and generation rows unless it is given)")
     g.add_argument("--report", default=None, help="report folder (default reports/gate-<time>)")
     g.add_argument("--junit", default=None, help="write a JUnit XML file for CI dashboards")
     g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

@@ -249,3 +249,30 @@ def test_the_gate_batch_row_pools_rows_and_sees_a_leaking_pad(tiny_checkpoints):
     assert set(healthy["verdict"]) == {"pass"}, healthy[["site", "reason"]]
     leak = pooled_batch_check(ck, inp, FP16, sites=sites, model_factory=PadsLeak)
     assert leak["verdict"].isin(["fail"]).any()
+
+
+def test_a_model_too_large_to_restream_skips_the_costly_rows_unless_asked(
+        tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """Over LARGE_MODEL_ELEMENTS weights in bounded memory (GPT-J-6B's shape) the cache, batch
+    and generation rows are skipped by default, saying why and how to run them; --max-new-tokens
+    runs them. The threshold is lowered here so a tiny model stands for a large one."""
+    from parity.engine import generation as G
+
+    gptj6b = reference.parse_config({"model_type": "gptj", "n_embd": 4096, "n_layer": 28,
+                                     "n_head": 16, "rotary_dim": 64, "vocab_size": 50400,
+                                     "n_positions": 2048})
+    assert G.too_costly(gptj6b, bounded=True) and not G.too_costly(gptj6b, bounded=False)
+    assert not G.too_costly(load_checkpoint(tiny_checkpoints["gpt2"]).config, bounded=True)
+    monkeypatch.setattr(G, "LARGE_MODEL_ELEMENTS", 0)
+    rep = tmp_path / "default"
+    rc, out, err = gate(capsys, tiny_checkpoints["gpt2"], report=rep)
+    assert (rc, err) == (0, ""), err
+    c = checks(rep)
+    for name in ("cache", "batch", "generation"):
+        assert c[name]["verdict"] == "skip" and "--max-new-tokens N runs them" in c[name]["detail"]
+    rep = tmp_path / "asked"
+    rc, out, err = gate(capsys, tiny_checkpoints["gpt2"], "--max-new-tokens", 2, report=rep)
+    assert (rc, err) == (0, ""), err
+    c = checks(rep)
+    assert [c[n]["verdict"] for n in ("cache", "batch", "generation")] == ["pass"] * 3
+    assert c["generation"]["figures"]["new_tokens"] == 2

@@ -39,7 +39,8 @@ Cost: the reference decode reuses its cache (one token per step after the prompt
 decoding cannot share one weight pass across steps (token t+1 depends on the whole stack at step
 t), so in bounded-memory mode (`bounded=True`, the gate's `--impl fast`) every step streams the
 weights once for the reference and once for the subject; the floor is teacher-forced in one pass.
-`default_new_tokens(cfg)` keeps large models within the gate's time budget (benchmarks/README.md).
+Over LARGE_MODEL_ELEMENTS weights in bounded mode the gate skips this check (and the cache and
+batch rows) unless --max-new-tokens is given (`too_costly`; benchmarks/README.md "Generation").
 """
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ from parity.engine.verdicts import Result
 from parity.errors import ParityError
 
 DEFAULT_NEW_TOKENS = 16
-# weight elements above which a model gets LARGE_NEW_TOKENS by default in bounded-memory mode:
-# every generated token streams every weight twice (reference, subject); benchmarks/README.md
-# "Generation" measures the cost per token at GPT-J-6B's width
+# weight elements above which, in bounded-memory mode, the gate does not run the checks that
+# stream the weights again for each pass (cache, batch, generation) unless --max-new-tokens is
+# given: at GPT-J-6B's shape each reference pass costs about 2 minutes on a 2-core CPU and
+# these rows need ~20 of them (benchmarks/README.md "Generation"), beyond the gate's 10 minutes
 LARGE_MODEL_ELEMENTS = 1_000_000_000
-LARGE_NEW_TOKENS = 4
 STEP_COLUMNS = ["prompt", "step", "position", "ref_token", "sub_token", "forced_token", "match",
                 "phase", "ref_margin", "floor_noise", "resolvable", "kl", "floor_kl",
                 "nonfinite"]
@@ -106,11 +107,25 @@ def subject_model(ckpt: Checkpoint, subject: Subject, *, bounded: bool = False):
     return model
 
 
+def weight_elements(cfg) -> int:
+    """About how many weight elements the model holds (blocks and embedding)."""
+    return cfg.n_layer * 12 * cfg.d_model ** 2 + cfg.vocab_size * cfg.d_model
+
+
+def too_costly(cfg, bounded: bool) -> str | None:
+    """Why the gate skips its re-streaming rows by default for this model, or None."""
+    e = weight_elements(cfg)
+    if not bounded or e <= LARGE_MODEL_ELEMENTS:
+        return None
+    return (f"not run by default: {e:.2g} weights streamed from disk per pass (bounded memory) "
+            f"cost more than the gate's 10 minutes for these rows (~35 minutes at GPT-J-6B's "
+            f"shape on 2 cores, benchmarks/README.md 'Generation'); --max-new-tokens N runs "
+            f"them")
+
+
 def default_new_tokens(cfg, bounded: bool) -> int:
-    """16 new tokens, or LARGE_NEW_TOKENS for a model over LARGE_MODEL_ELEMENTS weight elements
-    checked in bounded-memory mode (each token streams every weight twice)."""
-    elements = cfg.n_layer * 12 * cfg.d_model ** 2 + cfg.vocab_size * cfg.d_model
-    return LARGE_NEW_TOKENS if bounded and elements > LARGE_MODEL_ELEMENTS else DEFAULT_NEW_TOKENS
+    """DEFAULT_NEW_TOKENS, or 0 where `too_costly`."""
+    return 0 if too_costly(cfg, bounded) else DEFAULT_NEW_TOKENS
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -230,7 +245,7 @@ def generation_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, *,
     `model`: an already built subject model (default: `subject_model(ckpt, subject)`)."""
     cfg = ckpt.config
     policy = policy or B.load_policy()
-    n = default_new_tokens(cfg, bounded) if max_new_tokens is None else int(max_new_tokens)
+    n = DEFAULT_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens)
     if n < 1:
         raise ParityError(f"--max-new-tokens must be at least 1 to decode, got {n}")
     t = inputs.input_ids.shape[1]
