@@ -128,3 +128,126 @@ def test_an_unusable_junit_path_is_refused_before_the_work(where, needle, tiny_c
     assert rc == 2 and "PASS" not in out
     one_error(err, needle)
     assert not (tmp_path / "rep" / "run.json").exists()  # refused before any check ran
+
+
+# ----------------------------------------------------------------------------- run folders
+def test_publish_folder_swaps_a_whole_run_in_and_keeps_a_users_files(tmp_path):
+    from parity.files import publish_folder
+
+    target = tmp_path / "rep"
+    publish_folder(target, {"a.txt": b"1", "b.txt": b"1"})
+    publish_folder(target, {"a.txt": b"2", "b.txt": b"2"})
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "2", "b.txt": "2"}
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folder left
+    (target / "notes.txt").write_text("mine")
+    publish_folder(target, {"a.txt": b"3", "b.txt": b"3"})
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        "a.txt": "3", "b.txt": "3", "notes.txt": "mine"}
+    assert oct(target.joinpath("a.txt").stat().st_mode & 0o777) == "0o644"
+
+
+def test_concurrent_runs_into_one_folder_leave_one_whole_run(tmp_path):
+    """Two runs publishing into the same explicit folder: the folder ends as one run's, never
+    a mix of files from both."""
+    import threading
+
+    from parity.files import publish_folder
+
+    target = tmp_path / "rep"
+    names = [f"f{i}.txt" for i in range(8)]
+
+    def one(run_id):
+        for _ in range(20):
+            publish_folder(target, {n: run_id.encode() for n in names})
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    contents = {p.read_text() for p in target.iterdir()}
+    assert len(contents) == 1 and sorted(p.name for p in target.iterdir()) == names
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]
+
+
+def test_a_report_whose_writing_fails_midway_leaves_the_earlier_folder_as_it_was(
+        tmp_path, monkeypatch):
+    """The third file's write fails (a full disk): the folder still holds the earlier run,
+    not two new files beside two old ones."""
+    import os
+
+    from parity.errors import ParityError
+    from parity.reports import render
+
+    target = tmp_path / "rep"
+    target.mkdir()
+    for name in render.FILES:
+        (target / name).write_text("earlier run")
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    from parity.engine.compare import to_frame
+
+    with pytest.raises(ParityError, match="No space left"):
+        render.write_report(target, to_frame([]), None, {}, "t",
+                            checks=[{"check": "x", "verdict": "pass", "detail": ""}])
+    assert len(calls) == 3
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        n: "earlier run" for n in render.FILES}
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]
+
+
+def test_report_and_gate_default_folders_are_unique_and_named_alike(tiny_checkpoints, tmp_path,
+                                                                    monkeypatch, capsys):
+    import re
+
+    from parity.files import run_folder_name
+
+    assert len({run_folder_name("report") for _ in range(50)}) == 50  # same second, 50 names
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        rc, _, err = run(capsys, "gate", tiny_checkpoints["gpt2"], "--device", "cpu")
+        assert rc == 0, err
+    rc, _, err = run(capsys, "report", "--families", "gpt2", "--variants", "hf", "--dtypes",
+                     "fp16", "--no-attribution")
+    assert rc == 0, err
+    folders = sorted(p.name for p in (tmp_path / "reports").iterdir())
+    assert len(folders) == 3, folders
+    for f in folders:
+        assert re.fullmatch(r"(gate|report)-\d{8}T\d{6}Z-[0-9a-f]{6}", f), f
+        assert sorted(p.name for p in (tmp_path / "reports" / f).iterdir()) == [
+            "divergence.csv", "index.html", "run.json", "summary.md"]
+
+
+# ----------------------------------------------------------------------------- prompts files
+def test_prompt_kinds_are_explicit(tmp_path):
+    from parity.checkpoints.inputs import read_prompts
+
+    p = tmp_path / "p.txt"
+    p.write_text("ids: 464 3290 318\nids:1,2, 3\ntext: 1984\ntext: ids: not a prefix here\n"
+                 "Plain text, with 2 numbers\n\n", encoding="utf-8")
+    assert read_prompts(p) == [[464, 3290, 318], [1, 2, 3], "1984", "ids: not a prefix here",
+                               "Plain text, with 2 numbers"]
+
+
+@pytest.mark.parametrize("line,needles", [
+    ("1984", ["line 2", "'1984' is only numbers", "`ids: 1984`", "`text: 1984`"]),
+    ("1 2 3; 4 5 6", ["line 2", "only numbers"]),
+    ("ids: 1 two 3", ["line 2", "`ids:` takes token ids", "'1 two 3'"]),
+    ("ids: -1", ["line 2", "`ids:` takes token ids"]),
+])
+def test_an_ambiguous_or_malformed_prompt_line_is_refused(line, needles, tiny_checkpoints,
+                                                          tmp_path, capsys):
+    p = tmp_path / "prompts.txt"
+    p.write_text("text: hello\n" + line + "\n", encoding="utf-8")
+    rc, out, err = run(capsys, "gate", tiny_checkpoints["gpt2"], "--device", "cpu",
+                       "--prompts", p, "--report", tmp_path / "rep")
+    assert rc == 2 and "PASS" not in out
+    one_error(err, str(p), *needles)

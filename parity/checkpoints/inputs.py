@@ -1,6 +1,7 @@
 """Model inputs: token ids from a string, a safetensors file or text, validated against a config."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,12 @@ class Inputs:
     @property
     def shape(self):
         return self.input_ids.shape
+
+    def rows(self) -> list[list[int]]:
+        """Each row's real tokens (padding dropped)."""
+        if self.attention_mask is None:
+            return [r.tolist() for r in self.input_ids]
+        return [r[m == 1].tolist() for r, m in zip(self.input_ids, self.attention_mask)]
 
 
 def parse_tokens(text: str) -> Inputs:
@@ -71,6 +78,60 @@ def load_inputs(path: str | Path) -> Inputs:
     return Inputs(ids, out.get("attention_mask"), out.get("position_ids"))
 
 
+PROMPTS_GRAMMAR = ("one prompt per line: `text: ...` or plain text is text; `ids: 464 3290 318` "
+                   "is token ids (spaces or commas)")
+_ID_LIKE = re.compile(r"[\d\s,;]+")
+
+
+def read_prompts(path: str | Path) -> list[str | list[int]]:
+    """A prompts file, one prompt per line (blank lines skipped), each kind explicit: a line
+    `ids: 464 3290 318` is token ids, `text: ...` or any other line is text. A bare line of
+    numbers (`1984`, `1 2 3; 4 5 6`) could be either, so it is refused with the two spellings
+    to choose from. -> a list of texts (str) and id rows (list[int])."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParityError(f"{p}: cannot read prompts ({e})") from None
+    out: list[str | list[int]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        head, sep, rest = line.partition(":")
+        kind = head.strip().lower() if sep else ""
+        if kind == "ids":
+            toks = rest.replace(",", " ").split()
+            if not toks or not all(t.isdigit() for t in toks):
+                raise ParityError(f"{p}: line {n}: `ids:` takes token ids (non-negative "
+                                  f"integers separated by spaces or commas), got {rest.strip()!r}")
+            out.append([int(t) for t in toks])
+        elif kind == "text":
+            text = rest[1:] if rest.startswith(" ") else rest
+            if not text:
+                raise ParityError(f"{p}: line {n}: `text:` with no text")
+            out.append(text)
+        elif _ID_LIKE.fullmatch(line):
+            raise ParityError(f"{p}: line {n} {line.strip()!r} is only numbers: write "
+                              f"`ids: {line.strip()}` for token ids or `text: {line.strip()}` "
+                              "for text")
+        else:
+            out.append(line)
+    if not out:
+        raise ParityError(f"{p}: no prompts ({PROMPTS_GRAMMAR})")
+    return out
+
+
+def left_pad(rows: list[list[int]]) -> Inputs:
+    """Rows of different lengths left-padded with id 0 (mask 0); the mask only when needed."""
+    t = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), t), dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return Inputs(ids, mask if (mask == 0).any() else None)
+
+
 def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
     """Tokenize with the checkpoint's tokenizer files (tokenizer.json, or vocab.json+merges.txt);
     rows of different lengths are left-padded (mask 0) with id 0."""
@@ -79,13 +140,7 @@ def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
     rows = [tok.encode(t).ids for t in texts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ParityError(f"{ckpt_dir}: a text encodes to no tokens")
-    t = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), t), dtype=np.int64)
-    mask = np.zeros((len(rows), t), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    return Inputs(ids, mask if (mask == 0).any() else None)
+    return left_pad(rows)
 
 
 def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 0) -> None:

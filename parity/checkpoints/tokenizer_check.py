@@ -239,16 +239,13 @@ BUILTIN_TEXTS = (
 
 
 def prompt_texts(path: str | Path | None) -> list[str]:
-    """The text lines of a gate prompts file (lines of token ids are not text): what
-    `gate_check` takes as `prompts_texts`. None -> []."""
+    """The text prompts of a gate prompts file (`inputs.read_prompts`; `ids:` lines are not
+    text): what `gate_check` takes as `prompts_texts`. None -> []."""
+    from parity.checkpoints.inputs import read_prompts
+
     if path is None:
         return []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParityError(f"{path}: cannot read prompts ({e})") from None
-    return [ln for ln in lines if ln.strip() and not ln.replace(",", " ").replace(" ", "")
-            .isdigit()]
+    return [t for t in read_prompts(path) if isinstance(t, str)]
 
 
 def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> Result:

@@ -28,7 +28,6 @@ import pandas as pd
 
 
 from parity.errors import ParityError
-from parity.files import atomic_write
 from parity.reports.analysis import (DASH, FINDINGS_CHECKPOINTS, NO_TOP1, SUBJECT, _attr_flip,
                                      _count_line, _headline_blocks, _num, _text, _visible, _worst,
                                      attribution_sentence, deciding_rows, overall_verdict,
@@ -57,26 +56,28 @@ FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 # ============================================================================ entry points
 def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | None,
                  run: dict, title: str, checks: list[dict] | None = None) -> dict[str, Path]:
-    """Render the four report files into `out_dir` (created if needed), each written to a
-    temporary file and renamed, so a reader never sees half a report file. Returns
-    name -> path. Raises ParityError for malformed frames or a folder that cannot be written.
+    """Render the four report files and write them as the folder `out_dir`, whole or not at
+    all (`files.publish_folder`: a new folder, or an earlier report's folder, is swapped in by
+    one rename; a reader never sees half a report or a mix of two runs). Returns name -> path.
+    Raises ParityError for malformed frames or a folder that cannot be written.
 
     `checks` (the gate's): dicts with `check`, `verdict` (pass|warn|fail|skip), `detail` and
     optional `figures`; given, they decide the headline verdict and the divergence frame may be
     empty (a gate that compared nothing layer by layer)."""
+    from parity.files import publish_folder
+
     _check_frames(divergence, attribution, checks)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ParityError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
     contents = {
         "divergence.csv": render_csv(divergence),
         "run.json": render_json(run),
         "summary.md": render_markdown(divergence, attribution, run, title, checks).encode(),
         "index.html": render_html(divergence, attribution, run, title, checks).encode(),
     }
-    return {name: _write_atomic(out, name, data) for name, data in contents.items()}
+    try:
+        return publish_folder(out, contents)
+    except OSError as e:
+        raise ParityError(f"{out}: cannot write the report folder ({e.strerror or e})") from None
 
 
 def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None,
@@ -593,11 +594,3 @@ def _check_frames(div, attribution, checks=None) -> None:
         missing = [c for c in ATTRIBUTION_COLUMNS if c not in attribution.columns]
         if missing:
             raise ParityError(f"report: the attribution table lacks columns {missing}")
-
-
-def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
-    """Write to a hidden temporary file beside the target and rename it over the target."""
-    try:
-        return atomic_write(folder / name, data)
-    except OSError as e:
-        raise ParityError(f"{folder}: cannot write {name} ({e.strerror or e})") from None
