@@ -251,3 +251,16 @@ def test_an_ambiguous_or_malformed_prompt_line_is_refused(line, needles, tiny_ch
                        "--prompts", p, "--report", tmp_path / "rep")
     assert rc == 2 and "PASS" not in out
     one_error(err, str(p), *needles)
+
+
+def test_the_gate_summary_run_table_reads_as_facts_not_a_python_dict(tiny_checkpoints, tmp_path,
+                                                                     capsys):
+    rep = tmp_path / "rep"
+    rc, _, err = run(capsys, "gate", tiny_checkpoints["gpt2"], "--device", "cpu", "--report", rep)
+    assert rc == 0, err
+    md = (rep / "summary.md").read_text()
+    run_section = md[md.index("## Run"):]
+    assert "{'" not in md and "{\"" not in md, run_section
+    assert "| subject.dtype | float16 |" in run_section
+    html = (rep / "index.html").read_text()
+    assert "{&#x27;" not in html and "{'" not in html

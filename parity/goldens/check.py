@@ -32,21 +32,22 @@ class SiteDiff:
     shape: tuple
     max_abs: float = 0.0
     rel: float = 0.0  # max |new - old| / max |old|
-    max_ulp: float = 0.0  # in units of `dtype`
+    max_ulp: float = 0.0  # in ULPs (of `dtype`) of the site's largest value: metrics.ulps_of_max
     changed: int = 0
     total: int = 0
     note: str = ""
 
     def describe(self) -> str:
-        s = (f"max rel change {self.rel:.3g} (max abs {self.max_abs:.3g}, {self.max_ulp:g} ULP "
-             f"of {self.dtype}, {self.changed} of {self.total} values changed)")
+        s = (f"max rel change {self.rel:.3g} (max abs {self.max_abs:.3g}, {_ulps(self.max_ulp)} "
+             f"ULP of the site's largest {self.dtype} value, {self.changed} of {self.total} "
+             "values changed)")
         return f"{s}; {self.note}" if self.note else s
 
 
 def diff_arrays(site: str, old: np.ndarray, new: np.ndarray, dtype: str) -> SiteDiff:
     """Compare every element: finite values by size, non-finite ones (masked scores) by
     position and sign."""
-    from parity.engine.metrics import ulp_distance
+    from parity.engine.metrics import ulps_of_max
 
     d = SiteDiff(site, dtype, tuple(old.shape), total=int(old.size))
     if old.shape != new.shape:
@@ -67,7 +68,7 @@ def diff_arrays(site: str, old: np.ndarray, new: np.ndarray, dtype: str) -> Site
     d.max_abs = float(np.abs(n - o).max())
     scale = float(np.abs(o).max())
     d.rel = 0.0 if d.max_abs == 0 else (d.max_abs / scale if scale > 0 else math.inf)
-    d.max_ulp = float(ulp_distance(n, o, dtype).max())
+    d.max_ulp = float(ulps_of_max(n, o, dtype).max())
     return d
 
 
@@ -87,7 +88,7 @@ EPS = {name: d.eps for name, d in DTYPES.items() if name != "float64"}
 @dataclass(frozen=True)
 class Limit:
     """What a regenerated golden is held to: `rel` (max |new - old| / max |old| per site) or
-    `ulp` (max ULP moved, in the stored dtype)."""
+    `ulp` (max change in ULPs of the site's largest value, in the stored dtype)."""
 
     name: str  # the budgets.toml tolerance
     unit: str  # rel | ulp
@@ -241,7 +242,7 @@ def cmd_golden(a) -> int:
             if r.drift:
                 print(f"  {r.drift}: drift per site")
             for s in r.sites:
-                print(f"  {s.site:32s} {s.dtype:9s} max ULP {s.max_ulp:<6g} max rel "
+                print(f"  {s.site:32s} {s.dtype:9s} max ULP@max {_ulps(s.max_ulp):<8s} max rel "
                       f"{s.rel:<10.3g} changed {s.changed}/{s.total}")
     n = {k: sum(r.verdict == k for r in results) for k in ("pass", "fail", "skip")}
     print(f"golden check: {len(results)} goldens in {d}: {n['pass']} pass, {n['fail']} fail, "
@@ -249,11 +250,16 @@ def cmd_golden(a) -> int:
     return 1 if n["fail"] else 0
 
 
+def _ulps(x: float) -> str:
+    """A ULP figure (`metrics.ulps_of_max`: ULPs of the site's largest value) as text."""
+    return "0" if x == 0 else f"{x:.3g}"
+
+
 def _print_foreign(rows: list[dict]) -> int:
     for r in rows:
         print(f"{r['status'].upper():4s} {r['file']} {r['site']:32s} {r['dtype']:9s} "
-              f"max rel {r['rel']:<10.3g} max abs {r['max_abs']:<10.3g} max ULP "
-              f"{r['max_ulp']:<8g} {r['reason']}")
+              f"max rel {r['rel']:<10.3g} max abs {r['max_abs']:<10.3g} max ULP@max "
+              f"{_ulps(r['max_ulp']):<8s} {r['reason']}")
     fails = sum(r["status"] == "fail" for r in rows)
     print(f"golden check: {len(rows)} sites, {fails} fail (tolerance from the golden's dtype: "
           f"{rows[0]['tolerance_name']} = {rows[0]['tolerance']:g})" if rows else

@@ -42,7 +42,7 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
     from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
     from parity.engine.compare import token_rows
     from parity.checkpoints.inputs import Inputs, validate_inputs
-    from parity.engine.metrics import rel_l2, ulp_distance, valid_mask
+    from parity.engine.metrics import rel_l2, ulps_of_max, valid_mask
 
     path = Path(golden_path)
     g = read_golden(path)  # format checks
@@ -110,7 +110,7 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
             ulp_dt = row["dtype"] if row["dtype"] in GOLDEN_DTYPES else g.dtype
             row.update(max_abs=dmax, rel=math.inf if bad else rel,
                        rel_l2=rel_l2(yv, rv) if not bad else math.inf,
-                       max_ulp=float(ulp_distance(yv, rv, ulp_dt).max()) if yv.size else 0.0)
+                       max_ulp=float(ulps_of_max(yv, rv, ulp_dt).max()) if yv.size else 0.0)
             if bad:
                 row.update(status="fail", reason=f"{bad} non-finite values where the reference "
                                                  "is finite")

@@ -226,10 +226,12 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
 
 
 VOLATILE_RUN_KEYS = ("created", "wall_time_s")  # in run.json only: documents stay reproducible
+SHOWN_ELSEWHERE = ("checks",)  # the gate's rows: the Checks table above renders them
 
 
 def _run_blocks(run: dict) -> list:
-    stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
+    stable = {k: v for k, v in run.items()
+              if k not in VOLATILE_RUN_KEYS and k not in SHOWN_ELSEWHERE}
     return [("h2", "Run"), ("p", "Timing and creation time are in run.json."),
             ("table", DocTable(("key", "value"), tuple(
                 (Cell(k), Cell(v)) for k, v in _flatten(stable))))]
@@ -256,7 +258,7 @@ def _checks_table(checks: list[dict]) -> DocTable:
     rows = []
     for c in checks:
         figs = c.get("figures") or {}
-        figures = ", ".join(f"{k}={_num(v) if isinstance(v, (int, float)) else v}"
+        figures = ", ".join(f"{k}={_figure(v)}"
                             for k, v in sorted(figs.items(), key=lambda kv: str(kv[0])))
         rows.append((Cell(str(c.get("check", ""))), Cell(_vlabel(c["verdict"]), c["verdict"]),
                      Cell(_text(c.get("detail"))), Cell(figures)))
@@ -447,14 +449,31 @@ def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
     return DocTable(head, tuple(rows))
 
 
+def _figure(v) -> str:
+    """A check's figure as text: numbers as the report prints them, a mapping as `a:1 b:2`."""
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{_figure(x)}" for k, x in v.items())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return _num(v)
+
+
 def _flatten(d, prefix="") -> list[tuple[str, str]]:
+    """Nested run facts as `a.b.c` keys with readable values: dicts inside lists are flattened
+    as `a.0.b`, never printed as a Python repr; timing keys are left to run.json."""
     out = []
     for k in sorted(d, key=str):
         v, name = d[k], f"{prefix}{k}"
+        if k in VOLATILE_RUN_KEYS:
+            continue
         if isinstance(v, dict):
             out += _flatten(v, name + ".")
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in v):
+            out += _flatten(dict(enumerate(v)), name + ".")
         elif isinstance(v, (list, tuple)):
-            out.append((name, " ".join(map(str, v))))
+            out.append((name, ", ".join(map(str, v))))
+        elif isinstance(v, float):
+            out.append((name, _num(v)))
         else:
             out.append((name, str(v)))
     return out
