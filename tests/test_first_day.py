@@ -264,3 +264,43 @@ def test_the_gate_summary_run_table_reads_as_facts_not_a_python_dict(tiny_checkp
     assert "| subject.dtype | float16 |" in run_section
     html = (rep / "index.html").read_text()
     assert "{&#x27;" not in html and "{'" not in html
+
+
+# ----------------------------------------------------------------------------- goldens
+def test_a_golden_of_a_deeper_model_names_the_sites_it_could_not_compare(tiny_checkpoints,
+                                                                         tmp_path, capsys):
+    """A golden traced on a 4-layer checkpoint, checked against a 2-layer one: the sites of
+    blocks 2 and 3 are named as not compared, in `golden check --file` and in the gate row."""
+    ck2 = tmp_path / "ck2"
+    assert run(capsys, "checkpoint", "make", "--family", "gpt2", "--layers", "2", "--out",
+               ck2)[0] == 0
+    g = tmp_path / "g.safetensors"
+    rc, _, err = run(capsys, "trace", tiny_checkpoints["gpt2"], "--tokens", "1 2 3", "--sites",
+                     "blocks.*.resid_post", "--out", g)
+    assert rc == 0, err
+    rc, out, _ = run(capsys, "golden", "check", "--file", g, "--checkpoint", ck2)
+    last = out.strip().splitlines()[-1]
+    assert rc == 1  # the logits of a deeper model differ
+    assert "2 stored sites not compared: blocks.2.resid_post, blocks.3.resid_post" in last
+    assert "beyond this checkpoint's 2 layers" in last
+    rep = tmp_path / "rep"
+    rc, out, _ = run(capsys, "gate", ck2, "--golden", g, "--device", "cpu", "--report", rep)
+    golden = [c for c in json.loads((rep / "run.json").read_text())["checks"]
+              if c["check"].startswith("golden:")][0]
+    assert "blocks.2.resid_post, blocks.3.resid_post" in golden["detail"]
+
+
+def test_golden_check_of_a_file_with_no_comparable_site_fails(tiny_checkpoints, tmp_path,
+                                                              capsys):
+    """Only sites the checkpoint lacks (and logits of another model would fail anyway): here
+    a golden whose every stored site is beyond the checkpoint is never a pass."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    g = tmp_path / "g.safetensors"
+    save_file({"input_ids": np.array([[1, 2, 3]], np.int64),
+               "blocks.7.resid_post": np.zeros((1, 3, 64), np.float32)}, str(g),
+              metadata={"format": "parity-golden/1", "family": "gpt2", "dtype": "float32"})
+    rc, out, err = run(capsys, "golden", "check", "--file", g, "--checkpoint",
+                       tiny_checkpoints["gpt2"])
+    assert rc != 0 and "PASS" not in out.replace("SKIP", ""), (out, err)

@@ -256,12 +256,24 @@ def _ulps(x: float) -> str:
 
 
 def _print_foreign(rows: list[dict]) -> int:
+    from parity.goldens.foreign import skipped_text
+
+    def fig(x: float, spec: str) -> str:
+        return "-" if math.isnan(x) else format(x, spec)
+
     for r in rows:
+        ulps = "-" if math.isnan(r["max_ulp"]) else _ulps(r["max_ulp"])
         print(f"{r['status'].upper():4s} {r['file']} {r['site']:32s} {r['dtype']:9s} "
-              f"max rel {r['rel']:<10.3g} max abs {r['max_abs']:<10.3g} max ULP@max "
-              f"{_ulps(r['max_ulp']):<8s} {r['reason']}")
+              f"max rel {fig(r['rel'], '<10.3g'):<10s} max abs {fig(r['max_abs'], '<10.3g'):<10s} "
+              f"max ULP@max {ulps:<8s} {r['reason']}")
     fails = sum(r["status"] == "fail" for r in rows)
-    print(f"golden check: {len(rows)} sites, {fails} fail (tolerance from the golden's dtype: "
-          f"{rows[0]['tolerance_name']} = {rows[0]['tolerance']:g})" if rows else
-          "golden check: no sites")
+    skipped = skipped_text(rows)
+    n_pass = sum(r["status"] == "pass" for r in rows)
+    print(f"golden check: {len(rows)} sites: {n_pass} pass, {fails} fail, "
+          f"{len(rows) - n_pass - fails} not compared (tolerance from the golden's dtype: "
+          f"{rows[0]['tolerance_name']} = {rows[0]['tolerance']:g})"
+          + (f"; {skipped}" if skipped else "") if rows else "golden check: no sites")
+    if not n_pass + fails:  # nothing compared is never a pass
+        print("golden check: FAIL - no site of the golden could be compared")
+        return 1
     return 1 if fails else 0
