@@ -304,3 +304,59 @@ def test_golden_check_of_a_file_with_no_comparable_site_fails(tiny_checkpoints, 
     rc, out, err = run(capsys, "golden", "check", "--file", g, "--checkpoint",
                        tiny_checkpoints["gpt2"])
     assert rc != 0 and "PASS" not in out.replace("SKIP", ""), (out, err)
+
+
+# ----------------------------------------------------------------------------- the HTML report
+@pytest.fixture(scope="module")
+def neo_report():
+    from parity.reports.run import run_report
+
+    div, attr, run_ = run_report(families=["gpt_neo"], variants=["hf", "meg"],
+                                 dtypes=["float16"], attribution=False)
+    return div, attr, run_
+
+
+def test_the_html_report_leads_with_a_worst_floor_ratio_overview(neo_report):
+    import re
+
+    from parity.reports.render import render_html
+
+    div, attr, run_ = neo_report
+    page = render_html(div, attr, run_, "t")
+    h2 = re.findall(r"<h2>([^<]+)</h2>", page)
+    assert h2[0] == "Overview: worst floor ratio", h2
+    table = page.split("Overview: worst floor ratio", 1)[1].split("</table>", 1)[0]
+    cells = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]:
+        tds = re.findall(r"<td([^>]*)>([^<]*)</td>", row)
+        cells[tds[0][1]] = tds[1:]
+    heads = re.findall(r"<th>([^<]*)</th>", table)[1:]
+    assert set(cells) == {"gpt_neo / tiny", "gpt_neo / stress"}
+    # independently: the worst floor ratio per subject from the frame
+    for ckpt in ("tiny", "stress"):
+        for col, (attrs, text) in zip(heads, cells[f"gpt_neo / {ckpt}"]):
+            variant, dtype = col.split()
+            g = div[(div["checkpoint"] == ckpt) & (div["variant"] == variant)]
+            if (g["verdict"] == "overflow").any():
+                assert text == "OVERFLOW" and 'class="overflow"' in attrs
+            else:
+                assert float(text) == pytest.approx(g["floor_ratio"].max(), rel=5e-3)
+                assert "hsl(" in attrs
+    assert [t for _, t in cells["gpt_neo / stress"]].count("OVERFLOW") == 1  # meg fp16
+
+
+def test_long_html_sections_fold_and_the_per_layer_plots_show_failing_site_kinds(neo_report):
+    from parity.reports import plots
+    from parity.reports.render import render_html
+
+    div, attr, run_ = neo_report
+    page = render_html(div, attr, run_, "t")
+    assert "<details open><summary><h2>Why</h2></summary>" in page
+    assert "<details><summary><h2>Run</h2></summary>" in page
+    assert page.count("<details") == page.count("</details>") >= 6
+    g = div[div["checkpoint"] == "stress"].copy()
+    probs = g["kind"] == "attn.probs"
+    assert "attn.probs" not in plots._plot_kinds("gpt_neo", g.assign(
+        verdict=g["verdict"].where(~probs, "pass")))
+    g.loc[probs & (g["layer"] == 1), "verdict"] = "fail"
+    assert "attn.probs" in plots._plot_kinds("gpt_neo", g)

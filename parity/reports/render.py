@@ -134,6 +134,7 @@ RICH_STYLE = {"not_exposed": "dim", "unmeasured": "bold red", "pass": "green",
 class Cell:
     text: str
     verdict: str | None = None      # colours the cell in HTML, bolds it in Markdown
+    heat: float | None = None       # 0..1: the overview's shade in HTML (green -> red)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     multi_dev = subj[["device", "emulate"]].drop_duplicates().shape[0] > 1
     if not checks:
         blocks += _headline_blocks(div, subj)
+    if len(subj) > 1:
+        blocks.append(("h2", "Overview: worst floor ratio"))
+        blocks.append(("p", "Each cell: the subject's worst floor_ratio over every site and both "
+                            "modes (1 = as good as the dtype allows; darker red = further from "
+                            "the floor); inf = non-finite values; OVERFLOW = some site's "
+                            "reference exceeds the dtype itself."))
+        blocks.append(("table", _overview(div, multi_dev)))
 
     blocks.append(("h2", "At a glance"))
     blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes; "
@@ -302,6 +310,46 @@ def _matrix(subj: pd.DataFrame, ckpt, multi_dev: bool) -> DocTable:
             row.append(Cell(text, v))
         rows.append(tuple(row))
     return DocTable(("family", *cols), tuple(rows))
+
+
+HEAT_DECADES = 2.0  # the overview's colour scale: floor ratio 1 (green) to 10^2 and beyond (red)
+
+
+def _overview(div: pd.DataFrame, multi_dev: bool) -> DocTable:
+    """Family x checkpoint rows, one column per subject: the worst floor_ratio of any site in
+    either mode (inf when a site holds non-finite values), OVERFLOW where a reference value
+    leaves the dtype; shaded by log10(ratio) over HEAT_DECADES."""
+    keys = ["family", "checkpoint", "variant", "dtype", "device", "emulate"]
+    worst: dict = {}
+    for key, g in div.groupby(keys, sort=False, dropna=False):
+        fam, ckpt, var, dt, dev, emu = key
+        col = _column_label(pd.Series(dict(variant=var, dtype=dt, device=dev, emulate=emu)),
+                            multi_dev)
+        judged = g[g["verdict"] != "not_exposed"]
+        ratios = judged["floor_ratio"].astype(float)
+        r = math.inf if (judged["nonfinite"] > 0).any() else (
+            float(ratios.max()) if ratios.notna().any() else math.nan)
+        worst[(fam, _text(ckpt) or DASH, col)] = (r, _worst(g["verdict"]),
+                                                  bool((g["verdict"] == "overflow").any()))
+    rows_keys = list(dict.fromkeys(k[:2] for k in worst))
+    cols = list(dict.fromkeys(k[2] for k in worst))
+    rows = []
+    for fam, ckpt in rows_keys:
+        row = [Cell(f"{fam} / {ckpt}")]
+        for c in cols:
+            if (fam, ckpt, c) not in worst:
+                row.append(Cell(""))
+                continue
+            r, v, ovf = worst[(fam, ckpt, c)]
+            if ovf:
+                row.append(Cell("OVERFLOW", "overflow"))
+                continue
+            heat = (1.0 if not math.isfinite(r) else
+                    min(max(math.log10(max(r, 1.0)) / HEAT_DECADES, 0.0), 1.0)) \
+                if not math.isnan(r) else None
+            row.append(Cell(_num(r) if not math.isnan(r) else DASH, v, heat))
+        rows.append(tuple(row))
+    return DocTable(("family / checkpoint", *cols), tuple(rows))
 
 
 def _nan_low(x: float) -> float:
@@ -552,16 +600,30 @@ td.fail{background:#f9d2cf;font-weight:600}td.overflow{background:#e9c8f2;font-w
 .verdict.PASS{background:#e3f4e6}.verdict.WARN{background:#fff2c2}.verdict.FAIL{background:#f9d2cf}
 .verdict.OVERFLOW{background:#e9c8f2}
 figure{margin:1em 0}figcaption{font-weight:600}img{max-width:100%}
+summary{cursor:pointer}summary h2{display:inline}td.heat{text-align:right}
 li{margin:.2em 0}
 """.strip()
 
 
+COLLAPSED = ("Logits, every subject", "How to read this report", "Run")  # closed at first
+OPEN = ("Why", "Error against layer", "Overflow and non-finite values")  # collapsible, open
+
+
 def render_html(div, attribution, run, title, checks=None) -> str:
+    """The same blocks as summary.md; long sections (OPEN, COLLAPSED) fold into <details>."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>"]
+    in_details = False
     for kind, body in _document(div, attribution, run, title, True, checks):
-        if kind in ("h1", "h2", "h3"):
+        if kind == "h2" and in_details:
+            out.append("</details>")
+            in_details = False
+        if kind == "h2" and (body in OPEN or body in COLLAPSED):
+            out.append(f"<details{' open' if body in OPEN else ''}><summary><h2>{e(body)}</h2>"
+                       "</summary>")
+            in_details = True
+        elif kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(body)}</{kind}>")
         elif kind == "verdict":
             out.append(f'<p><span class="verdict {e(body[1])}">{e(body[0])}: '
@@ -578,8 +640,21 @@ def render_html(div, attribution, run, title, checks=None) -> str:
             out.append(f'<figure><figcaption>{e(caption)}</figcaption>'
                        f'<img alt="{e(caption)}: error against layer" '
                        f'src="data:image/png;base64,{data}"></figure>')
+    if in_details:
+        out.append("</details>")
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
+
+
+def _html_cell(c: Cell) -> str:
+    e = html.escape
+    if c.heat is not None and c.verdict != "overflow":
+        # hue 120 (green) at the floor to 0 (red) HEAT_DECADES above it
+        style = f' style="background:hsl({120 * (1 - c.heat):.0f},70%,{85 - 15 * c.heat:.0f}%)"'
+        return f'<td class="heat"{style}>{e(c.text)}</td>'
+    if c.verdict:
+        return f'<td class="{c.verdict}">{e(c.text)}</td>'
+    return f"<td>{e(c.text)}</td>"
 
 
 def _html_table(t: DocTable) -> str:
@@ -587,8 +662,7 @@ def _html_table(t: DocTable) -> str:
     head = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr>"
     rows = []
     for row in t.rows:
-        tds = "".join(f'<td class="{c.verdict}">{e(c.text)}</td>' if c.verdict
-                      else f"<td>{e(c.text)}</td>" for c in row)
+        tds = "".join(_html_cell(c) for c in row)
         rows.append(f"<tr>{tds}</tr>")
     return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(rows) + \
         "\n</tbody>\n</table>"
