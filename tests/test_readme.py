@@ -107,3 +107,15 @@ def test_the_stress_findings_table_is_what_the_report_finds():
     found = {(r.family, r.variant, r.dtype, r.verdict, r.first_accumulated)
              for r in subj.itertuples() if r.verdict != "pass"}
     assert found == table, (sorted(found - table), sorted(table - found))
+
+
+def test_the_python_example_runs_as_written(tmp_path, monkeypatch):
+    from parity import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["checkpoint", "make", "--family", "gpt2", "--out", "path/to/ckpt"]) == 0
+    (block,) = fenced_blocks("### From Python")
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    df = scope["df"]
+    assert set(df["variant"]) == {"hf", "meg"} and len(df) > 0

@@ -451,5 +451,7 @@ def test_prompt_texts_keeps_the_text_lines(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("ids: 464 3290 318\nHello there\n\nids: 1, 2, 3\n  Indented text 2\n"
                  "text: 1984\n", encoding="utf-8")
-    assert tc.prompt_texts(p) == ["Hello there", "  Indented text 2", "1984"]
-    assert tc.prompt_texts(None) == []
+    from parity.checkpoints.inputs import prompt_texts
+
+    assert prompt_texts(p) == ["Hello there", "  Indented text 2", "1984"]
+    assert prompt_texts(None) == []

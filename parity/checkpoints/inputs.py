@@ -9,7 +9,7 @@ import numpy as np
 
 from reference.config import ModelConfig
 
-from parity.errors import ParityError
+from parity.errors import InputError, ParityError
 from parity.checkpoints.tokenizer_check import load_tokenizer
 
 
@@ -121,6 +121,14 @@ def read_prompts(path: str | Path) -> list[str | list[int]]:
     return out
 
 
+def prompt_texts(path: str | Path | None) -> list[str]:
+    """The text prompts of a prompts file (`ids:` lines are not text): what the gate's
+    tokenizer check also tokenizes. None -> []."""
+    if path is None:
+        return []
+    return [t for t in read_prompts(path) if isinstance(t, str)]
+
+
 def left_pad(rows: list[list[int]]) -> Inputs:
     """Rows of different lengths left-padded with id 0 (mask 0); the mask only when needed."""
     t = max(len(r) for r in rows)
@@ -130,6 +138,60 @@ def left_pad(rows: list[list[int]]) -> Inputs:
         ids[i, t - len(r):] = r
         mask[i, t - len(r):] = 1
     return Inputs(ids, mask if (mask == 0).any() else None)
+
+
+ACCEPTED_INPUTS = ("an Inputs; token ids as a 2-D integer array or tensor (B, T), one row of ids, "
+                   "or a list of id lists (rows of different lengths are left-padded); a text "
+                   "or a list of texts (tokenized with the checkpoint's tokenizer files)")
+
+
+def as_inputs(obj, ckpt_dir: str | Path, source: str = "inputs") -> Inputs:
+    """Whatever a notebook passes as model input, as Inputs (or InputError saying what is
+    accepted). Texts are tokenized with the checkpoint's tokenizer; id rows of different
+    lengths are left-padded with a mask and position ids counted from the first real token."""
+    if isinstance(obj, Inputs):
+        return obj
+    if isinstance(obj, str) or (isinstance(obj, (list, tuple)) and obj
+                                and all(isinstance(t, str) for t in obj)):
+        texts = [obj] if isinstance(obj, str) else list(obj)
+        return _positions(tokenize(ckpt_dir, texts))
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor, without importing torch
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "iu":
+            raise InputError(f"{source}: token ids must be integers, got an array of "
+                             f"{obj.dtype} (expected {ACCEPTED_INPUTS})")
+        if obj.ndim not in (1, 2):
+            raise InputError(f"{source}: token ids must be 1-D or 2-D (B, T), got shape "
+                             f"{list(obj.shape)}")
+        return Inputs(np.atleast_2d(obj).astype(np.int64))
+    if isinstance(obj, (list, tuple)):
+        rows = [list(r) if isinstance(r, (list, tuple, np.ndarray)) else r for r in obj]
+        if rows and not any(isinstance(r, list) for r in rows):
+            rows = [rows]  # one row of ids
+        for i, r in enumerate(rows):
+            if not isinstance(r, list):
+                raise InputError(f"{source}: row {i} is {type(r).__name__}, expected a list of "
+                                 f"token ids (expected {ACCEPTED_INPUTS})")
+            bad = [t for t in r if isinstance(t, (bool, np.bool_))
+                   or not isinstance(t, (int, np.integer))]
+            if bad:
+                raise InputError(f"{source}: row {i} holds {bad[0]!r} ({type(bad[0]).__name__}); "
+                                 f"token ids are integers (expected {ACCEPTED_INPUTS})")
+            if not r:
+                raise InputError(f"{source}: row {i} is empty (no tokens)")
+        if not rows:
+            raise InputError(f"{source}: no tokens")
+        inp = left_pad([[int(t) for t in r] for r in rows])
+        return _positions(inp)
+    raise InputError(f"{source}: got {type(obj).__name__}, expected {ACCEPTED_INPUTS}")
+
+
+def _positions(inp: Inputs) -> Inputs:
+    """Position ids counted from each row's first real token (left padding)."""
+    if inp.attention_mask is not None and inp.position_ids is None:
+        inp.position_ids = np.maximum(np.cumsum(inp.attention_mask, axis=1) - 1, 0)
+    return inp
 
 
 def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:

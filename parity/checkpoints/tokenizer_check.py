@@ -238,16 +238,6 @@ BUILTIN_TEXTS = (
 )
 
 
-def prompt_texts(path: str | Path | None) -> list[str]:
-    """The text prompts of a gate prompts file (`inputs.read_prompts`; `ids:` lines are not
-    text): what `gate_check` takes as `prompts_texts`. None -> []."""
-    from parity.checkpoints.inputs import read_prompts
-
-    if path is None:
-        return []
-    return [t for t in read_prompts(path) if isinstance(t, str)]
-
-
 def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> Result:
     """The gate's tokenizer row: skip when the checkpoint has no tokenizer files; otherwise the
     reference against the gate's tokenizer on the text prompts (if any) and `BUILTIN_TEXTS`,

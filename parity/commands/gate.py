@@ -325,8 +325,9 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
     from parity.checkpoints import tokenizer_check
+    from parity.checkpoints.inputs import prompt_texts
 
-    checks.append(tokenizer_check.gate_check(ckpt.path, tokenizer_check.prompt_texts(prompts)))
+    checks.append(tokenizer_check.gate_check(ckpt.path, prompt_texts(prompts)))
     inputs = load_prompts(prompts, ckpt) if prompts else gate_batch(ckpt.config, seed=0)
     for g in goldens:
         if progress:

@@ -370,7 +370,7 @@ def change_of(old_path: Path, new: bytes) -> dict:
     changed. -> {"rel": float, "text": str}."""
     from safetensors.torch import load
 
-    from parity.goldens.check import diff_arrays
+    from parity.goldens.diff import diff_arrays
     from parity.goldens.io import dtype_of
 
     if not old_path.is_file():
