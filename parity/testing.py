@@ -164,3 +164,33 @@ def _message(site, dt, y, r, m, budget, verdict, why, odd) -> str:
     if site == "logits":
         lines.append(f"top-1 {m['top1']:.4g} (min {budget.top1_min:g}), KL {m['kl']:.3g}")
     return "\n".join(lines)
+
+
+def reference_trace(checkpoint, input_ids, attention_mask=None, position_ids=None, *,
+                    sites=None, floor=None):
+    """The float64 reference trace (`reference.Trace`) of a checkpoint directory for the given
+    token ids ([B, T] or [T]; torch or NumPy), optionally its attention mask and position ids;
+    `sites`: globs of the sites to keep; `floor="float16"`/"bfloat16": the rounding floor
+    instead (the same math with every op rounded once to that dtype: the best an
+    implementation in that dtype can do, a `floor=` for assert_parity). Inputs are checked
+    against the model (ids in the vocabulary, lengths within its positions)."""
+    import reference as ref_models
+
+    from parity.checkpoints.checkpoint import load_checkpoint
+    from parity.checkpoints.inputs import Inputs, validate_inputs
+
+    ckpt = load_checkpoint(checkpoint)
+
+    def ints(x):
+        return None if x is None else np.atleast_2d(np.asarray(
+            x.detach().cpu().numpy() if hasattr(x, "detach") else x, np.int64))
+
+    inp = Inputs(ints(input_ids), ints(attention_mask), ints(position_ids))
+    validate_inputs(inp, ckpt.config, "input_ids")
+    fl = None if floor is None else _dtype_name(floor)
+    t = ref_models.forward(ckpt.config, ckpt.weights(), inp.input_ids, inp.attention_mask,
+                           inp.position_ids, sites=sites,
+                           floor=None if fl == "float64" else fl)
+    t.meta.update(producer=f"gpt-parity reference ({fl or 'float64'})",
+                  dtype=fl or "float64", checkpoint=str(ckpt.path))
+    return t
