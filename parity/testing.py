@@ -70,6 +70,7 @@ def assert_parity(actual, reference, *, dtype, floor=None, policy=None, name=Non
     best achievable result in `dtype` (default: `reference` rounded once to `dtype`). `policy`:
     a budgets TOML path or loaded policy (default budgets.toml). `name`: the site, used for the
     message, for the policy's per-site overrides, and `logits` adds top-1 and KL."""
+    __tracebackhide__ = True  # pytest: the failure points at the caller's line
     from parity.engine import budgets as B
     from parity.engine import compare as C
     from parity.engine import metrics as M

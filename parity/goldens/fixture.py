@@ -289,6 +289,7 @@ class GoldenChecker:
         """Compare with the golden `name` of this test (or, under --parity-update-golden=REASON,
         make it, with the error model measured against `reference`). AssertionError names
         every site out of tolerance; a missing golden fails."""
+        __tracebackhide__ = True  # pytest: the failure points at the test's line
         if name in self._names:
             raise ParityError(f"golden name {name!r} used twice in {self.test_id}")
         self._names.add(name)
