@@ -85,7 +85,7 @@ def collect(trace_or_arrays, reference=None) -> Arrays:
             if v is None and owner is not None and hasattr(owner, k):
                 v = getattr(owner, k)
         if v is not None:
-            inputs[k] = np.asarray(_numpy(v), np.int64)
+            inputs[k] = np.array(_numpy(v), np.int64)  # a copy: writable, not a view
     if "input_ids" not in inputs:
         raise ParityError("a golden needs the input_ids (in the arrays, the trace or the "
                           "reference)")
