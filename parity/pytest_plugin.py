@@ -7,7 +7,7 @@ is installed, no conftest needed.
   `parity/goldens/fixture.py`), with `--parity-update-golden=REASON` to make or remake the
   goldens of the tests that run;
 - `pytest --parity-checkpoint DIR [--parity-golden F]... [--parity-policy P] [--parity-impl ...]`:
-  the release gate (`parity gate`) runs once per session, at collection, and each of its check
+  the release gate (`parity gate`) runs once per session, at its start, and each of its check
   rows (`GateResult.checks`, whatever rows the gate has) becomes a test item `parity-gate::<check>`:
   a failing check fails with its detail and figures, a skipped one is a skip with its reason, a
   warning passes with a ParityWarning; the figures are the item's user properties (JUnit
@@ -196,6 +196,15 @@ def run_gate_once(config):
             msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
             raise pytest.UsageError(f"parity gate: error: {msg}") from None
     return config._parity_gate
+
+
+def pytest_sessionstart(session):
+    """The gate runs before collection in the main process, so that bad input is a usage error
+    (exit 4) and the verdict line is printed there under pytest-xdist too, whose controller
+    collects nothing (each worker runs the gate again to make its items)."""
+    if session.config.getoption("parity_checkpoint", None) is not None \
+            and not hasattr(session.config, "workerinput"):
+        run_gate_once(session.config)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k / -m deselection, which then applies to gate items
