@@ -119,7 +119,8 @@ def parity_golden(request):
     `--parity-update-golden=REASON` make it (the tolerance measured against `reference`)."""
     from parity.goldens.fixture import GoldenChecker
 
-    return GoldenChecker(test_file=request.node.path, test_name=request.node.name,
+    name = ".".join(request.node.nodeid.split("::")[1:])  # `TestClass.test_x[p]`: unique
+    return GoldenChecker(test_file=request.node.path, test_name=name,
                          test_id=request.node.nodeid,
                          update_reason=request.config.getoption("parity_update_golden"),
                          written=request.config._parity_written)
