@@ -233,7 +233,8 @@ def test_a_golden_passes_its_own_run_and_fails_a_change_beyond_its_tolerance(tmp
     ref, out = gpt2_run
     checker(tmp_path, reason="first").check(out, "fp16", reference=ref)
     checker(tmp_path).check(out, "fp16")  # the same run: passes
-    checker(tmp_path).check(dict(out.sites, input_ids=IDS), "fp16")  # mask, positions unstated
+    halves = {k: torch.from_numpy(v).half() for k, v in out.sites.items()}
+    checker(tmp_path).check(dict(halves, input_ids=IDS), "fp16")  # mask, positions unstated
     tol = json.loads(read_golden(tmp_path / "goldens/test_mod/test_x.fp16.safetensors")
                      .meta[GF.META_KEY])["sites"]["blocks.1.resid_post"]["tolerance_rel_l2"]
     site = "blocks.1.resid_post"
