@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # `parity.compare` without importing torch at `import parity`
     if name == "compare":
-        from parity.engine.compare import run
+        from parity.api import compare
 
-        return run
+        return compare
     if name == "generate_compare":
-        from parity.engine.generation import generate_compare
+        from parity.api import generate_compare
 
         return generate_compare
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,14 @@ usage error or internal error (one line `error: ...`, a traceback only with --de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from parity.devices import resolve_device
 from parity.errors import ParityError
+from parity.files import run_folder_name
 
 EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
 
@@ -207,7 +209,7 @@ def cmd_report(a) -> int:
     console = _console()
     device = resolve_device(a.device)
     dtypes = [normalize_dtype(d) for d in a.dtypes] if a.dtypes else None
-    out = Path(a.out) if a.out else Path("reports") / _now().replace(":", "").replace("-", "")
+    out = Path(a.out) if a.out else Path("reports") / run_folder_name("report")
     _check_writable(out)
     with console.status("parity report: starting") as status:
         div, attr, run = run_report(a.families, a.variants, dtypes, device,
@@ -232,13 +234,17 @@ def _console():
 
 
 def _check_writable(out: Path, what: str = "report folder") -> None:
-    """Before any work: the folder `what` goes to can be made and written (a path that cannot
-    take the output must not be found after a whole run)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ParityError(f"{out}: cannot create the {what} ({e.strerror or e})") from None
-    probe = out / ".parity-write-test"
+    """Before any work: the folder `what` goes to can be written: an existing folder takes a
+    probe file, a new one needs a writable nearest existing parent (nothing is created here, so
+    a run that fails leaves no empty folder behind)."""
+    if out.exists() and not out.is_dir():
+        raise ParityError(f"{out}: the {what} is a file, not a folder")
+    at = out
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        raise ParityError(f"{out}: cannot create the {what} ({at} is a file)")
+    probe = at / f".parity-write-test-{os.getpid()}"
     try:
         probe.write_text("")
         probe.unlink()
@@ -249,7 +255,7 @@ def _check_writable(out: Path, what: str = "report folder") -> None:
 def cmd_gate(a) -> int:
     from parity.subjects import normalize_dtype
 
-    out = Path(a.report) if a.report else Path("reports") / ("gate-" + _now().replace(":", ""))
+    out = Path(a.report) if a.report else Path("reports") / run_folder_name("gate")
     _check_writable(out)
     if a.junit:  # before the run: an unwritable JUnit path must not follow a PASS report
         if Path(a.junit).is_dir():

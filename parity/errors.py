@@ -17,3 +17,9 @@ class StructureError(CheckpointError):
 
 class TokenizerMissing(ParityError):
     """The checkpoint has no tokenizer files (a check that needs them is skipped, not failed)."""
+
+
+class InputError(ParityError, ValueError):
+    """Model input that is not what was expected (text where ids were expected, ids that are not
+    integers, rows that cannot be made into a batch): the message says what is accepted. A
+    ValueError too, so `except ValueError` in a user's notebook still catches it."""

@@ -167,6 +167,16 @@ class Family:
         """The site that is the stream handed to the next block."""
         return "ln_2" if self.block == "post" else "resid_post"
 
+    def hf_hidden_state_sites(self, n_layer: int) -> list[str]:
+        """The site of each entry of transformers' `output_hidden_states` tuple (n_layer + 1
+        entries): entry 0 is the embedding, entry i (0 < i < n_layer) block i-1's output
+        stream, and the last entry the final hidden state, which transformers takes after ln_f
+        where the family has one (OpenAI GPT, post-LN without ln_f: the last block's ln_2)."""
+        out = self.block_output
+        names = ["embed"] + [f"blocks.{i}.{out}" for i in range(n_layer - 1)]
+        names.append("ln_f" if self.ln_f else f"blocks.{n_layer - 1}.{out}")
+        return names
+
     @property
     def embeddings(self) -> tuple[str, ...]:
         """Weight names of the token and (if any) position embeddings."""

@@ -34,3 +34,58 @@ def test_parity_compare_takes_token_ids(tiny_checkpoints):
 def test_parity_compare_refuses_bad_ids(tiny_checkpoints):
     with pytest.raises(ParityError, match="out of range"):
         parity.compare(tiny_checkpoints["gpt2"], np.array([[1, 2, 10**6]]))
+
+
+def test_help_shows_one_public_function_with_its_real_signature():
+    import inspect
+
+    from parity import api
+    from parity.engine import compare as engine
+
+    f = parity.compare
+    assert f is api.compare and f.__name__ == "compare"
+    params = inspect.signature(f).parameters
+    assert list(params)[:2] == ["checkpoint", "inputs"]
+    assert {"variants", "dtypes", "device", "emulate", "modes", "policy", "label"} <= set(params)
+    assert "InputError" in f.__doc__ and "left-padded" in f.__doc__
+    assert api.MODES == engine.MODES
+    assert not hasattr(engine, "run")  # no second entry point with another signature
+
+
+@pytest.mark.parametrize("bad,needles", [
+    ([[1.5, 2.0]], ["row 0 holds 1.5", "token ids are integers"]),
+    (np.array([[1.5, 2.0]]), ["array of float64", "token ids must be integers"]),
+    ([[1, 2], "x"], ["row 1 is str", "expected a list of token ids"]),
+    ([[1, 2], []], ["row 1 is empty"]),
+    ({"input_ids": [1, 2]}, ["got dict", "expected an Inputs"]),
+    (np.zeros((1, 2, 3), np.int64), ["1-D or 2-D", "[1, 2, 3]"]),
+])
+def test_bad_input_raises_a_typed_error_that_says_what_is_expected(bad, needles,
+                                                                   tiny_checkpoints):
+    from parity.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        parity.compare(tiny_checkpoints["gpt2"], bad)
+    assert isinstance(e.value, ValueError)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_text_without_tokenizer_files_says_so(tiny_checkpoints):
+    with pytest.raises(ParityError, match="tokenizer"):
+        parity.compare(tiny_checkpoints["gpt2"], "hello world")
+
+
+def test_ragged_rows_are_left_padded_and_compared(tiny_checkpoints):
+    """Rows of different lengths become a left-padded batch: the same figures for the shorter
+    row as when it is run on its own (the padding is masked, positions count from its first
+    token)."""
+    ck = tiny_checkpoints["gpt2"]
+    both = parity.compare(ck, [[5, 6, 7, 8], [9, 10]], variants="meg", dtypes="fp32",
+                          modes=("accumulated",))
+    assert (both["verdict"].isin(["pass", "not_exposed"])).all()
+    from parity.checkpoints.inputs import as_inputs
+
+    inp = as_inputs([[5, 6, 7, 8], [9, 10]], ck)
+    assert inp.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert inp.position_ids[1].tolist() == [0, 0, 0, 1]

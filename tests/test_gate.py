@@ -325,9 +325,9 @@ BAD_INPUTS = [
      ["pytorch_model.bin", "pickled"]),
     ("nonexistent-checkpoint", lambda t, c, g: [t / "no-such-dir"],
      ["no-such-dir", "not a checkpoint directory"]),
-    ("prompt-id-out-of-range", _prompts("1 2 3\n4 5 512\n"),
+    ("prompt-id-out-of-range", _prompts("ids: 1 2 3\nids: 4 5 512\n"),
      ["prompts.txt", "token id 512", "vocab_size 512"]),
-    ("prompt-too-long", _prompts(" ".join(["7"] * 129) + "\n"),
+    ("prompt-too-long", _prompts("ids: " + " ".join(["7"] * 129) + "\n"),
      ["prompts.txt", "129 tokens", "128 positions"]),
     ("text-prompts-without-tokenizer", _prompts("hello world\n"),
      ["prompts.txt", "no tokenizer files"]),
@@ -395,7 +395,7 @@ def test_token_id_prompts_of_different_lengths_are_left_padded_and_pass(tiny_che
                                                                         tmp_path, capsys):
     ck = tiny_checkpoints["gpt_neo"]
     p = tmp_path / "ids.txt"
-    p.write_text("464 3 290 318 11 7 8 9 10 12 13\n\n5, 6, 7\n1 2 3 4 5 6 7 8 9 10 11\n")
+    p.write_text("ids: 464 3 290 318 11 7 8 9 10 12 13\n\nids: 5, 6, 7\nids:1 2 3 4 5 6 7 8 9 10 11\n")
     inp = load_prompts(str(p), open_checkpoint(ck))
     assert inp.input_ids.shape == (3, 11)
     assert inp.attention_mask[1].tolist() == [0] * 8 + [1] * 3

@@ -86,6 +86,17 @@ def test_every_subcommand_argument_is_defined_in_the_cli_module():
     assert where == {"parity/cli.py"}, where
 
 
+def test_every_pytest_option_is_defined_in_the_plugin_module():
+    """The `pytest --parity-*` options are pytest's, not the `parity` command's: pytest owns
+    their parser and asks for them through the plugin's own `pytest_addoption` hook, and the
+    plugin, loaded in every pytest run of the environment, must not import the CLI module's
+    dependencies. So they live in one other place, the plugin module, and its gate options
+    mirror `parity gate`'s (tests/test_pytest_plugin.py pins that)."""
+    where = {str(p.relative_to(ROOT)) for p in (ROOT / "parity").rglob("*.py")
+             if re.search(r"\.addoption\(", p.read_text())}
+    assert where == {"parity/pytest_plugin.py"}, where
+
+
 @pytest.mark.parametrize("pkg", PACKAGES)
 def test_code_does_not_cite_the_tracker(pkg):
     hits = [f"{p.name}:{n}" for p in sorted((ROOT / pkg).rglob("*.py"))

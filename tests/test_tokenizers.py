@@ -449,6 +449,9 @@ def test_unreadable_files_are_bad_input_and_a_failing_row(tmp_path):
 
 def test_prompt_texts_keeps_the_text_lines(tmp_path):
     p = tmp_path / "prompts.txt"
-    p.write_text("464 3290 318\nHello there\n\n1, 2, 3\n  Indented text 2\n", encoding="utf-8")
-    assert tc.prompt_texts(p) == ["Hello there", "  Indented text 2"]
-    assert tc.prompt_texts(None) == []
+    p.write_text("ids: 464 3290 318\nHello there\n\nids: 1, 2, 3\n  Indented text 2\n"
+                 "text: 1984\n", encoding="utf-8")
+    from parity.checkpoints.inputs import prompt_texts
+
+    assert prompt_texts(p) == ["Hello there", "  Indented text 2", "1984"]
+    assert prompt_texts(None) == []

@@ -1,6 +1,7 @@
 """Model inputs: token ids from a string, a safetensors file or text, validated against a config."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from reference.config import ModelConfig
 
-from parity.errors import ParityError
+from parity.errors import InputError, ParityError
 from parity.checkpoints.tokenizer_check import load_tokenizer
 
 
@@ -21,6 +22,12 @@ class Inputs:
     @property
     def shape(self):
         return self.input_ids.shape
+
+    def rows(self) -> list[list[int]]:
+        """Each row's real tokens (padding dropped)."""
+        if self.attention_mask is None:
+            return [r.tolist() for r in self.input_ids]
+        return [r[m == 1].tolist() for r, m in zip(self.input_ids, self.attention_mask)]
 
 
 def parse_tokens(text: str) -> Inputs:
@@ -71,6 +78,122 @@ def load_inputs(path: str | Path) -> Inputs:
     return Inputs(ids, out.get("attention_mask"), out.get("position_ids"))
 
 
+PROMPTS_GRAMMAR = ("one prompt per line: `text: ...` or plain text is text; `ids: 464 3290 318` "
+                   "is token ids (spaces or commas)")
+_ID_LIKE = re.compile(r"[\d\s,;]+")
+
+
+def read_prompts(path: str | Path) -> list[str | list[int]]:
+    """A prompts file, one prompt per line (blank lines skipped), each kind explicit: a line
+    `ids: 464 3290 318` is token ids, `text: ...` or any other line is text. A bare line of
+    numbers (`1984`, `1 2 3; 4 5 6`) could be either, so it is refused with the two spellings
+    to choose from. -> a list of texts (str) and id rows (list[int])."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParityError(f"{p}: cannot read prompts ({e})") from None
+    out: list[str | list[int]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        head, sep, rest = line.partition(":")
+        kind = head.strip().lower() if sep else ""
+        if kind == "ids":
+            toks = rest.replace(",", " ").split()
+            if not toks or not all(t.isdigit() for t in toks):
+                raise ParityError(f"{p}: line {n}: `ids:` takes token ids (non-negative "
+                                  f"integers separated by spaces or commas), got {rest.strip()!r}")
+            out.append([int(t) for t in toks])
+        elif kind == "text":
+            text = rest[1:] if rest.startswith(" ") else rest
+            if not text:
+                raise ParityError(f"{p}: line {n}: `text:` with no text")
+            out.append(text)
+        elif _ID_LIKE.fullmatch(line):
+            raise ParityError(f"{p}: line {n} {line.strip()!r} is only numbers: write "
+                              f"`ids: {line.strip()}` for token ids or `text: {line.strip()}` "
+                              "for text")
+        else:
+            out.append(line)
+    if not out:
+        raise ParityError(f"{p}: no prompts ({PROMPTS_GRAMMAR})")
+    return out
+
+
+def prompt_texts(path: str | Path | None) -> list[str]:
+    """The text prompts of a prompts file (`ids:` lines are not text): what the gate's
+    tokenizer check also tokenizes. None -> []."""
+    if path is None:
+        return []
+    return [t for t in read_prompts(path) if isinstance(t, str)]
+
+
+def left_pad(rows: list[list[int]]) -> Inputs:
+    """Rows of different lengths left-padded with id 0 (mask 0); the mask only when needed."""
+    t = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), t), dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return Inputs(ids, mask if (mask == 0).any() else None)
+
+
+ACCEPTED_INPUTS = ("an Inputs; token ids as a 2-D integer array or tensor (B, T), one row of ids, "
+                   "or a list of id lists (rows of different lengths are left-padded); a text "
+                   "or a list of texts (tokenized with the checkpoint's tokenizer files)")
+
+
+def as_inputs(obj, ckpt_dir: str | Path, source: str = "inputs") -> Inputs:
+    """Whatever a notebook passes as model input, as Inputs (or InputError saying what is
+    accepted). Texts are tokenized with the checkpoint's tokenizer; id rows of different
+    lengths are left-padded with a mask and position ids counted from the first real token."""
+    if isinstance(obj, Inputs):
+        return obj
+    if isinstance(obj, str) or (isinstance(obj, (list, tuple)) and obj
+                                and all(isinstance(t, str) for t in obj)):
+        texts = [obj] if isinstance(obj, str) else list(obj)
+        return _positions(tokenize(ckpt_dir, texts))
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor, without importing torch
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "iu":
+            raise InputError(f"{source}: token ids must be integers, got an array of "
+                             f"{obj.dtype} (expected {ACCEPTED_INPUTS})")
+        if obj.ndim not in (1, 2):
+            raise InputError(f"{source}: token ids must be 1-D or 2-D (B, T), got shape "
+                             f"{list(obj.shape)}")
+        return Inputs(np.atleast_2d(obj).astype(np.int64))
+    if isinstance(obj, (list, tuple)):
+        rows = [list(r) if isinstance(r, (list, tuple, np.ndarray)) else r for r in obj]
+        if rows and not any(isinstance(r, list) for r in rows):
+            rows = [rows]  # one row of ids
+        for i, r in enumerate(rows):
+            if not isinstance(r, list):
+                raise InputError(f"{source}: row {i} is {type(r).__name__}, expected a list of "
+                                 f"token ids (expected {ACCEPTED_INPUTS})")
+            bad = [t for t in r if isinstance(t, (bool, np.bool_))
+                   or not isinstance(t, (int, np.integer))]
+            if bad:
+                raise InputError(f"{source}: row {i} holds {bad[0]!r} ({type(bad[0]).__name__}); "
+                                 f"token ids are integers (expected {ACCEPTED_INPUTS})")
+            if not r:
+                raise InputError(f"{source}: row {i} is empty (no tokens)")
+        if not rows:
+            raise InputError(f"{source}: no tokens")
+        inp = left_pad([[int(t) for t in r] for r in rows])
+        return _positions(inp)
+    raise InputError(f"{source}: got {type(obj).__name__}, expected {ACCEPTED_INPUTS}")
+
+
+def _positions(inp: Inputs) -> Inputs:
+    """Position ids counted from each row's first real token (left padding)."""
+    if inp.attention_mask is not None and inp.position_ids is None:
+        inp.position_ids = np.maximum(np.cumsum(inp.attention_mask, axis=1) - 1, 0)
+    return inp
+
+
 def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
     """Tokenize with the checkpoint's tokenizer files (tokenizer.json, or vocab.json+merges.txt);
     rows of different lengths are left-padded (mask 0) with id 0."""
@@ -79,13 +202,7 @@ def tokenize(ckpt_dir: str | Path, texts: list[str]) -> Inputs:
     rows = [tok.encode(t).ids for t in texts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ParityError(f"{ckpt_dir}: a text encodes to no tokens")
-    t = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), t), dtype=np.int64)
-    mask = np.zeros((len(rows), t), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    return Inputs(ids, mask if (mask == 0).any() else None)
+    return left_pad(rows)
 
 
 def validate_inputs(inp: Inputs, cfg: ModelConfig, source: str, past_len: int = 0) -> None:

@@ -238,19 +238,6 @@ BUILTIN_TEXTS = (
 )
 
 
-def prompt_texts(path: str | Path | None) -> list[str]:
-    """The text lines of a gate prompts file (lines of token ids are not text): what
-    `gate_check` takes as `prompts_texts`. None -> []."""
-    if path is None:
-        return []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParityError(f"{path}: cannot read prompts ({e})") from None
-    return [ln for ln in lines if ln.strip() and not ln.replace(",", " ").replace(" ", "")
-            .isdigit()]
-
-
 def gate_check(ckpt_dir: str | Path, prompts_texts=None, subject=None) -> Result:
     """The gate's tokenizer row: skip when the checkpoint has no tokenizer files; otherwise the
     reference against the gate's tokenizer on the text prompts (if any) and `BUILTIN_TEXTS`,

@@ -285,34 +285,23 @@ def _f(x) -> float | None:
 
 # ----------------------------------------------------------------------------- prompts
 def load_prompts(path: str, ckpt: Checkpoint) -> Inputs:
-    """One prompt per line: token ids ("464 3290 318") or text (tokenized with the checkpoint's
-    tokenizer files). Rows are left-padded, with position ids counted from the first real token."""
-    from parity.checkpoints.inputs import tokenize
+    """A prompts file (`inputs.read_prompts`: `ids: 464 3290 318` lines are token ids, other
+    lines text, tokenized with the checkpoint's tokenizer files). Rows are left-padded, with
+    position ids counted from the first real token."""
+    from parity.checkpoints.inputs import left_pad, read_prompts, tokenize
 
-    p = Path(path)
-    try:
-        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParityError(f"{p}: cannot read prompts ({e})") from None
-    if not lines:
-        raise ParityError(f"{p}: no prompts")
-    if all(re.fullmatch(r"[\d\s,]+", ln) for ln in lines):
-        rows = [[int(t) for t in ln.replace(",", " ").split()] for ln in lines]
-        t = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), t), np.int64)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, t - len(r):] = r
-            mask[i, t - len(r):] = 1
-        inp = Inputs(ids, mask if (mask == 0).any() else None)
-    else:
+    prompts = read_prompts(path)
+    texts = [t for t in prompts if isinstance(t, str)]
+    if texts:
         try:
-            inp = tokenize(ckpt.path, lines)
+            encoded = iter(tokenize(ckpt.path, texts).rows())
         except ParityError as e:  # name the prompts file, not only the checkpoint
-            raise ParityError(f"{p}: text prompts cannot be tokenized: {e}") from None
+            raise ParityError(f"{path}: text prompts cannot be tokenized: {e}") from None
+        prompts = [next(encoded) if isinstance(t, str) else t for t in prompts]
+    inp = left_pad(prompts)
     if inp.attention_mask is not None:
         inp.position_ids = np.maximum(np.cumsum(inp.attention_mask, axis=1) - 1, 0)
-    validate_inputs(inp, ckpt.config, str(p))
+    validate_inputs(inp, ckpt.config, str(path))
     return inp
 
 
@@ -351,8 +340,9 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
     from parity.checkpoints import tokenizer_check
+    from parity.checkpoints.inputs import prompt_texts
 
-    checks.append(tokenizer_check.gate_check(ckpt.path, tokenizer_check.prompt_texts(prompts)))
+    checks.append(tokenizer_check.gate_check(ckpt.path, prompt_texts(prompts)))
     inputs = load_prompts(prompts, ckpt) if prompts else gate_batch(ckpt.config, seed=0)
     for g in goldens:
         if progress:

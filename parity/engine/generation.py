@@ -440,34 +440,3 @@ def _divergence_text(r, d, r_tok, free_tok, margin, scale, k, dtype) -> str:
 def skipped(reason: str) -> Result:
     """The generation row when it does not run (e.g. --max-new-tokens 0)."""
     return Result(name="generation", verdict="skip", detail=f"not run: {reason}")
-
-
-# ----------------------------------------------------------------------------- notebook entry
-def generate_compare(checkpoint, inputs=None, *, variant: str = "hf", dtype: str = "float16",
-                     device: str = "cpu", emulate=None, impl: str = "fast",
-                     max_new_tokens: int = DEFAULT_NEW_TOKENS, policy=None) -> Generation:
-    """`parity.generate_compare(...)`: the generation check from a notebook.
-
-        import parity
-        g = parity.generate_compare("path/to/ckpt", dtype="fp16", max_new_tokens=16)
-        g.verdict, g.result.detail, g.result.figures
-        g.steps[g.steps["phase"] != "agree"]      # divergence and drift, step by step
-
-    `inputs`: an Inputs, an int array of ids (B, T), or None for the gate's built-in batch;
-    `impl`: fast or hf; `policy`: a budgets TOML path or a loaded policy."""
-    from parity.checkpoints.checkpoint import load_checkpoint
-    from parity.checkpoints.inputs import gate_batch, validate_inputs
-    from parity.devices import normalize_dtype, resolve_device
-
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    if inputs is None:
-        inputs = gate_batch(ckpt.config, seed=0)
-    elif not isinstance(inputs, Inputs):
-        inputs = Inputs(np.atleast_2d(np.asarray(inputs, dtype=np.int64)))
-    validate_inputs(inputs, ckpt.config, "inputs")
-    if not isinstance(policy, dict):
-        policy = B.load_policy(policy)
-    subject = Subject(variant=variant, dtype=normalize_dtype(dtype),
-                      device=resolve_device(device), emulate=emulate, impl=impl)
-    return generation_check(ckpt, inputs, subject, max_new_tokens=max_new_tokens,
-                            policy=policy)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from reference import dtypes
 from reference.dtypes import DTYPES
 from reference.ops import round_to
 
@@ -50,6 +51,24 @@ def ulp_distance(y: np.ndarray, r: np.ndarray, dtype: str) -> np.ndarray:
     d = np.abs(ordered_bits(np.where(fin, yy, 0.0), dtype)
                - ordered_bits(np.where(fin, rr, 0.0), dtype)).astype(np.float64)
     return np.where(fin, d, np.inf)
+
+
+def ulps_of_max(y: np.ndarray, r: np.ndarray, dtype: str) -> np.ndarray:
+    """|y - r| in units in the last place (of `dtype`) of the array's largest reference value
+    max|r|: the ULP figure of a golden comparison. `ulp_distance` counts the representable
+    values between y and r, and near zero there are astronomically many (two float64 values of
+    +-1e-17, noise of a sum whose terms are ~1, are 9e18 steps apart), so a site's worst count
+    says nothing. Counted in the spacing at the site's scale it reads as the size of the change:
+    0 only for equal values, 1 for one rounding step of the largest value. Non-finite pairs
+    give inf."""
+    f = dtypes.facts(dtype)
+    y = np.asarray(y, np.float64)
+    r = np.asarray(r, np.float64)
+    fin = np.isfinite(y) & np.isfinite(r)
+    big = float(np.abs(r[fin]).max()) if fin.any() else 0.0
+    tiny = 2.0 ** (f.min_exp - f.mantissa)  # the smallest subnormal: the finest spacing there is
+    spacing = max(2.0 ** math.floor(math.log2(big)) * f.eps, tiny) if big > 0 else tiny
+    return np.where(fin, np.abs(np.where(fin, y - r, 0.0)) / spacing, np.inf)
 
 
 # ----------------------------------------------------------------------------- error figures

@@ -8,67 +8,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from reference.dtypes import DTYPES
 
 from parity.engine import budgets
 from parity.engine.verdicts import Result
 from parity.errors import ParityError
+from parity.goldens.diff import SiteDiff, _ulps, diff_arrays  # noqa: F401 (re-exported)
 from parity.goldens.io import INPUT_KEYS, dtype_of
 from parity.goldens.spec import (DEFAULT_DIR, DRIFT_LIB, LIB_VERSION, MANIFEST, STEP2_PREFIX,
                                  Spec, cpu_fingerprint, local_classes, unavailable)
 from parity.goldens.store import Checkpoints, generate, read_manifest, update, verify_integrity
 from parity.goldens.foreign import check_foreign_golden
-
-
-# ----------------------------------------------------------------------------- comparison
-@dataclass
-class SiteDiff:
-    """How one stored tensor compares with its regeneration (or with the reference)."""
-
-    site: str
-    dtype: str
-    shape: tuple
-    max_abs: float = 0.0
-    rel: float = 0.0  # max |new - old| / max |old|
-    max_ulp: float = 0.0  # in units of `dtype`
-    changed: int = 0
-    total: int = 0
-    note: str = ""
-
-    def describe(self) -> str:
-        s = (f"max rel change {self.rel:.3g} (max abs {self.max_abs:.3g}, {self.max_ulp:g} ULP "
-             f"of {self.dtype}, {self.changed} of {self.total} values changed)")
-        return f"{s}; {self.note}" if self.note else s
-
-
-def diff_arrays(site: str, old: np.ndarray, new: np.ndarray, dtype: str) -> SiteDiff:
-    """Compare every element: finite values by size, non-finite ones (masked scores) by
-    position and sign."""
-    from parity.engine.metrics import ulp_distance
-
-    d = SiteDiff(site, dtype, tuple(old.shape), total=int(old.size))
-    if old.shape != new.shape:
-        d.rel = d.max_abs = d.max_ulp = math.inf
-        d.changed = int(old.size)
-        d.note = f"shape changed from {list(old.shape)} to {list(new.shape)}"
-        return d
-    same = (old == new) | (np.isnan(old) & np.isnan(new))
-    d.changed = int((~same).sum())
-    fin_o, fin_n = np.isfinite(old), np.isfinite(new)
-    if ((fin_o != fin_n) | (~fin_o & ~same)).any():
-        d.rel = d.max_abs = d.max_ulp = math.inf
-        d.note = "non-finite values appeared, vanished or moved"
-        return d
-    if not fin_o.any():
-        return d
-    o, n = old[fin_o], new[fin_o]
-    d.max_abs = float(np.abs(n - o).max())
-    scale = float(np.abs(o).max())
-    d.rel = 0.0 if d.max_abs == 0 else (d.max_abs / scale if scale > 0 else math.inf)
-    d.max_ulp = float(ulp_distance(n, o, dtype).max())
-    return d
 
 
 @dataclass(kw_only=True)
@@ -87,7 +37,7 @@ EPS = {name: d.eps for name, d in DTYPES.items() if name != "float64"}
 @dataclass(frozen=True)
 class Limit:
     """What a regenerated golden is held to: `rel` (max |new - old| / max |old| per site) or
-    `ulp` (max ULP moved, in the stored dtype)."""
+    `ulp` (max change in ULPs of the site's largest value, in the stored dtype)."""
 
     name: str  # the budgets.toml tolerance
     unit: str  # rel | ulp
@@ -241,7 +191,7 @@ def cmd_golden(a) -> int:
             if r.drift:
                 print(f"  {r.drift}: drift per site")
             for s in r.sites:
-                print(f"  {s.site:32s} {s.dtype:9s} max ULP {s.max_ulp:<6g} max rel "
+                print(f"  {s.site:32s} {s.dtype:9s} max ULP@max {_ulps(s.max_ulp):<8s} max rel "
                       f"{s.rel:<10.3g} changed {s.changed}/{s.total}")
     n = {k: sum(r.verdict == k for r in results) for k in ("pass", "fail", "skip")}
     print(f"golden check: {len(results)} goldens in {d}: {n['pass']} pass, {n['fail']} fail, "
@@ -250,12 +200,24 @@ def cmd_golden(a) -> int:
 
 
 def _print_foreign(rows: list[dict]) -> int:
+    from parity.goldens.foreign import skipped_text
+
+    def fig(x: float, spec: str) -> str:
+        return "-" if math.isnan(x) else format(x, spec)
+
     for r in rows:
+        ulps = "-" if math.isnan(r["max_ulp"]) else _ulps(r["max_ulp"])
         print(f"{r['status'].upper():4s} {r['file']} {r['site']:32s} {r['dtype']:9s} "
-              f"max rel {r['rel']:<10.3g} max abs {r['max_abs']:<10.3g} max ULP "
-              f"{r['max_ulp']:<8g} {r['reason']}")
+              f"max rel {fig(r['rel'], '<10.3g'):<10s} max abs {fig(r['max_abs'], '<10.3g'):<10s} "
+              f"max ULP@max {ulps:<8s} {r['reason']}")
     fails = sum(r["status"] == "fail" for r in rows)
-    print(f"golden check: {len(rows)} sites, {fails} fail (tolerance from the golden's dtype: "
-          f"{rows[0]['tolerance_name']} = {rows[0]['tolerance']:g})" if rows else
-          "golden check: no sites")
+    skipped = skipped_text(rows)
+    n_pass = sum(r["status"] == "pass" for r in rows)
+    print(f"golden check: {len(rows)} sites: {n_pass} pass, {fails} fail, "
+          f"{len(rows) - n_pass - fails} not compared (tolerance from the golden's dtype: "
+          f"{rows[0]['tolerance_name']} = {rows[0]['tolerance']:g})"
+          + (f"; {skipped}" if skipped else "") if rows else "golden check: no sites")
+    if not n_pass + fails:  # nothing compared is never a pass
+        print("golden check: FAIL - no site of the golden could be compared")
+        return 1
     return 1 if fails else 0

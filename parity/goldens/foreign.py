@@ -42,7 +42,7 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
     from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
     from parity.engine.compare import token_rows
     from parity.checkpoints.inputs import Inputs, validate_inputs
-    from parity.engine.metrics import rel_l2, ulp_distance, valid_mask
+    from parity.engine.metrics import rel_l2, ulps_of_max, valid_mask
 
     path = Path(golden_path)
     g = read_golden(path)  # format checks
@@ -92,7 +92,7 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
                    "tolerance": tol, "status": "pass", "reason": ""}
             rows.append(row)
             if site not in ref.sites:
-                row.update(status="skip", reason=f"not a site of {cfg.family}")
+                row.update(status="skip", reason=_not_a_site(site, cfg))
                 continue
             r = ref.sites[site]
             if not t.is_floating_point() or tuple(t.shape) != r.shape:
@@ -110,7 +110,7 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
             ulp_dt = row["dtype"] if row["dtype"] in GOLDEN_DTYPES else g.dtype
             row.update(max_abs=dmax, rel=math.inf if bad else rel,
                        rel_l2=rel_l2(yv, rv) if not bad else math.inf,
-                       max_ulp=float(ulp_distance(yv, rv, ulp_dt).max()) if yv.size else 0.0)
+                       max_ulp=float(ulps_of_max(yv, rv, ulp_dt).max()) if yv.size else 0.0)
             if bad:
                 row.update(status="fail", reason=f"{bad} non-finite values where the reference "
                                                  "is finite")
@@ -120,14 +120,42 @@ def check_foreign_golden(golden_path, ckpt) -> list[dict]:
     return rows
 
 
+def _not_a_site(site: str, cfg) -> str:
+    """Why a stored site has no counterpart: a block beyond this checkpoint's depth (a golden
+    of a deeper model), or a name the family does not have."""
+    import re
+
+    m = re.match(r"blocks\.(\d+)\.", site)
+    if m and int(m.group(1)) >= cfg.n_layer:
+        return (f"a block beyond this checkpoint's {cfg.n_layer} layers (a golden of a deeper "
+                "model?)")
+    return f"not a site of {cfg.family}"
+
+
+def skipped_text(rows: list[dict], limit: int = 6) -> str:
+    """'2 sites skipped: blocks.2.resid_post, blocks.3.resid_post (block 2 is beyond ...)', or
+    '' when every stored site was compared."""
+    skipped = [r for r in rows if r["status"] == "skip"]
+    if not skipped:
+        return ""
+    names = ", ".join(r["site"] for r in skipped[:limit])
+    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    why = sorted({r["reason"] for r in skipped})
+    return (f"{len(skipped)} stored site{'s' if len(skipped) > 1 else ''} not compared: "
+            f"{names}{more} ({'; '.join(why)})")
+
+
 def summarize_foreign(rows: list[dict], name: str = "golden") -> Result:
     """One verdict for a foreign golden (what `parity gate --golden` reports): `fail` if any
     site fails (or none could be compared), else `pass`; `detail` names the worst site and its
     error; `figures` holds the numbers."""
     compared = [r for r in rows if r["status"] != "skip"]
     failed = [r for r in compared if r["status"] == "fail"]
+    skipped = skipped_text(rows)
     if not compared:
-        return Result(name=name, verdict="fail", detail="no site of the golden could be compared",
+        return Result(name=name, verdict="fail",
+                      detail="no site of the golden could be compared"
+                      + (f": {skipped}" if skipped else ""),
                       figures={"sites": 0, "sites_skipped": len(rows)})
     worst = max(compared, key=lambda r: (r["rel"] if not math.isnan(r["rel"]) else math.inf))
     tol = f"{compared[0]['tolerance_name']} = {compared[0]['tolerance']:g}"
@@ -143,4 +171,6 @@ def summarize_foreign(rows: list[dict], name: str = "golden") -> Result:
     else:
         detail = (f"{len(compared)} sites within {tol} of the float64 reference; worst "
                   f"{worst['site']} max rel {worst['rel']:.3g}")
+    if skipped:
+        detail = f"{detail}; {skipped}"
     return Result(name=name, verdict="fail" if failed else "pass", detail=detail, figures=figures)

@@ -38,6 +38,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -345,6 +346,8 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
                     {"date": now, "reason": reason, "torch": torch_version(),
                      "changed": sorted(changed)}],
     }
+    changes = {p: change_of(golden_dir / p, made[p][0]) for p in sorted(changed)}
+    manifest["history"][-1]["changes"] = {p: c["text"] for p, c in changes.items()}
     blobs = {p: made[p][0] for p in changed}
     blobs[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
     total = sum(e["bytes"] for e in files.values()) + len(blobs[MANIFEST])
@@ -352,9 +355,53 @@ def update(golden_dir: Path | str = DEFAULT_DIR, families=None, classes=None,
         raise ParityError(f"{golden_dir}: goldens would take {total} bytes, over the "
                           f"{SIZE_BUDGET_BYTES}-byte budget")
     _write_all(golden_dir, blobs)
-    log(f"golden update: {len(changed)} of {len(made)} files changed, total {total} bytes "
-        f"in {golden_dir}")
+    for p, c in changes.items():
+        log(f"  {p}: {c['text']}")
+    worst = max(changes.values(), key=lambda c: c["rel"])
+    log(f"golden update: {len(changed)} of {len(made)} files changed (largest change: "
+        f"{worst['text']}), total {total} bytes in {golden_dir}")
     return sorted(changed)
+
+
+def change_of(old_path: Path, new: bytes) -> dict:
+    """How a regenerated golden differs from the file it replaces: the largest change over its
+    tensors (max |new - old| / max |old| per site, and in ULPs of the site's largest value),
+    naming the site; or that it is new, or that only the metadata or the set of sites
+    changed. -> {"rel": float, "text": str}."""
+    from safetensors.torch import load
+
+    from parity.goldens.diff import diff_arrays
+    from parity.goldens.io import dtype_of
+
+    if not old_path.is_file():
+        return {"rel": math.inf, "text": "new file"}
+    try:
+        old_t = load(old_path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - an unreadable old file is replaced, and said so
+        return {"rel": math.inf, "text": f"replaces an unreadable file ({type(e).__name__})"}
+    new_t = load(new)
+    if set(old_t) != set(new_t):
+        gone, came = sorted(set(old_t) - set(new_t)), sorted(set(new_t) - set(old_t))
+        return {"rel": math.inf, "text": "sites changed" + (f"; removed {', '.join(gone[:3])}"
+                                                           if gone else "")
+                + (f"; added {', '.join(came[:3])}" if came else "")}
+    worst = None
+    for k in sorted(new_t):
+        a, b = old_t[k], new_t[k]
+        if dtype_of(a) != dtype_of(b):
+            return {"rel": math.inf, "text": f"{k}: dtype {dtype_of(a)} -> {dtype_of(b)}"}
+        if not a.is_floating_point():
+            if not (a.shape == b.shape and bool((a == b).all())):
+                return {"rel": math.inf, "text": f"{k}: stored inputs changed"}
+            continue
+        d = diff_arrays(k, a.double().numpy(), b.double().numpy(), dtype_of(a))
+        if d.changed and (worst is None or d.rel > worst.rel):
+            worst = d
+    if worst is None:
+        return {"rel": 0.0, "text": "values identical; metadata changed"}
+    return {"rel": worst.rel, "text": f"max rel change {worst.rel:.3g} at {worst.site} "
+            f"({worst.max_ulp:.3g} ULP of its largest {worst.dtype} value, {worst.changed} of "
+            f"{worst.total} values)"}
 
 
 def _install(tmp: str, target: Path) -> None:

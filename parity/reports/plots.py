@@ -26,11 +26,20 @@ def _style_keys(div: pd.DataFrame) -> dict:
             "marker": {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(pd.unique(div["dtype"]))}}
 
 
-def _plot_kinds(family: str, present) -> list[str]:
+MAX_PLOT_KINDS = 5  # panels per figure: the key kinds plus the kinds that fail
+
+
+def _plot_kinds(family: str, g: pd.DataFrame) -> list[str]:
     """The block output (the stream the next layer inherits), the attention scores (where raw
-    q.k^T overflows) and the MLP activation (where large pre-activations bite)."""
+    q.k^T overflows) and the MLP activation (where large pre-activations bite), then every
+    other site kind that is not a pass somewhere (GPT-J's attn.probs, say), in execution
+    order, up to MAX_PLOT_KINDS."""
+    present = list(pd.unique(g["kind"]))
     out = block_output_site(family) if family in FAMILIES else "resid_post"
-    return [k for k in (out, "attn.scores", "mlp.act") if k in set(present)]
+    kinds = [k for k in (out, "attn.scores", "mlp.act") if k in present]
+    bad = g[~g["verdict"].isin(["pass", "not_exposed"])]
+    kinds += [k for k in pd.unique(bad["kind"]) if k not in kinds]
+    return kinds[:MAX_PLOT_KINDS]
 
 
 def plot_errors(g: pd.DataFrame, family: str, style: dict) -> bytes | None:
@@ -43,7 +52,7 @@ def plot_errors(g: pd.DataFrame, family: str, style: dict) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     g = g[g["layer"].notna()]
-    kinds = _plot_kinds(family, g["kind"].unique())
+    kinds = _plot_kinds(family, g)
     if not kinds:
         return None
     with mpl.rc_context():

@@ -28,7 +28,6 @@ import pandas as pd
 
 
 from parity.errors import ParityError
-from parity.files import atomic_write
 from parity.reports.analysis import (DASH, FINDINGS_CHECKPOINTS, NO_TOP1, SUBJECT, _attr_flip,
                                      _count_line, _headline_blocks, _num, _text, _visible, _worst,
                                      attribution_sentence, deciding_rows, overall_verdict,
@@ -58,20 +57,19 @@ FILES = ("divergence.csv", "run.json", "summary.md", "index.html")
 def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | None,
                  run: dict, title: str, checks: list[dict] | None = None,
                  generation: pd.DataFrame | None = None) -> dict[str, Path]:
-    """Render the four report files into `out_dir` (created if needed), each written to a
-    temporary file and renamed, so a reader never sees half a report file. Returns
-    name -> path. Raises ParityError for malformed frames or a folder that cannot be written.
+    """Render the four report files and write them as the folder `out_dir`, whole or not at
+    all (`files.publish_folder`: a new folder, or an earlier report's folder, is swapped in by
+    one rename; a reader never sees half a report or a mix of two runs). Returns name -> path.
+    Raises ParityError for malformed frames or a folder that cannot be written.
 
     `checks` (the gate's): dicts with `check`, `verdict` (pass|warn|fail|skip), `detail` and
     optional `figures`; given, they decide the headline verdict and the divergence frame may be
     empty (a gate that compared nothing layer by layer). `generation`: the gate's generation
     check, one row per prompt x step (parity.engine.generation.STEP_COLUMNS), shown per prompt."""
+    from parity.files import publish_folder
+
     _check_frames(divergence, attribution, checks)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ParityError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
     contents = {
         "divergence.csv": render_csv(divergence),
         "run.json": render_json(run),
@@ -80,7 +78,10 @@ def write_report(out_dir, divergence: pd.DataFrame, attribution: pd.DataFrame | 
         "index.html": render_html(divergence, attribution, run, title, checks,
                                   generation).encode(),
     }
-    return {name: _write_atomic(out, name, data) for name, data in contents.items()}
+    try:
+        return publish_folder(out, contents)
+    except OSError as e:
+        raise ParityError(f"{out}: cannot write the report folder ({e.strerror or e})") from None
 
 
 def terminal_summary(divergence: pd.DataFrame, attribution: pd.DataFrame | None = None,
@@ -137,6 +138,7 @@ RICH_STYLE = {"not_exposed": "dim", "unmeasured": "bold red", "pass": "green",
 class Cell:
     text: str
     verdict: str | None = None      # colours the cell in HTML, bolds it in Markdown
+    heat: float | None = None       # 0..1: the overview's shade in HTML (green -> red)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,13 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
     multi_dev = subj[["device", "emulate"]].drop_duplicates().shape[0] > 1
     if not checks:
         blocks += _headline_blocks(div, subj)
+    if len(subj) > 1:
+        blocks.append(("h2", "Overview: worst floor ratio"))
+        blocks.append(("p", "Each cell: the subject's worst floor_ratio over every site and both "
+                            "modes (1 = as good as the dtype allows; darker red = further from "
+                            "the floor); inf = non-finite values; OVERFLOW = some site's "
+                            "reference exceeds the dtype itself."))
+        blocks.append(("table", _overview(div, multi_dev)))
 
     blocks.append(("h2", "At a glance"))
     blocks.append(("p", "Each cell: the subject's worst verdict over every site and both modes; "
@@ -231,10 +240,12 @@ def _document(div: pd.DataFrame, attribution, run: dict, title: str, with_plots:
 
 
 VOLATILE_RUN_KEYS = ("created", "wall_time_s")  # in run.json only: documents stay reproducible
+SHOWN_ELSEWHERE = ("checks",)  # the gate's rows: the Checks table above renders them
 
 
 def _run_blocks(run: dict) -> list:
-    stable = {k: v for k, v in run.items() if k not in VOLATILE_RUN_KEYS}
+    stable = {k: v for k, v in run.items()
+              if k not in VOLATILE_RUN_KEYS and k not in SHOWN_ELSEWHERE}
     return [("h2", "Run"), ("p", "Timing and creation time are in run.json."),
             ("table", DocTable(("key", "value"), tuple(
                 (Cell(k), Cell(v)) for k, v in _flatten(stable))))]
@@ -295,7 +306,7 @@ def _checks_table(checks: list[dict]) -> DocTable:
     rows = []
     for c in checks:
         figs = c.get("figures") or {}
-        figures = ", ".join(f"{k}={_num(v) if isinstance(v, (int, float)) else v}"
+        figures = ", ".join(f"{k}={_figure(v)}"
                             for k, v in sorted(figs.items(), key=lambda kv: str(kv[0])))
         rows.append((Cell(str(c.get("check", ""))), Cell(_vlabel(c["verdict"]), c["verdict"]),
                      Cell(_text(c.get("detail"))), Cell(figures)))
@@ -339,6 +350,46 @@ def _matrix(subj: pd.DataFrame, ckpt, multi_dev: bool) -> DocTable:
             row.append(Cell(text, v))
         rows.append(tuple(row))
     return DocTable(("family", *cols), tuple(rows))
+
+
+HEAT_DECADES = 2.0  # the overview's colour scale: floor ratio 1 (green) to 10^2 and beyond (red)
+
+
+def _overview(div: pd.DataFrame, multi_dev: bool) -> DocTable:
+    """Family x checkpoint rows, one column per subject: the worst floor_ratio of any site in
+    either mode (inf when a site holds non-finite values), OVERFLOW where a reference value
+    leaves the dtype; shaded by log10(ratio) over HEAT_DECADES."""
+    keys = ["family", "checkpoint", "variant", "dtype", "device", "emulate"]
+    worst: dict = {}
+    for key, g in div.groupby(keys, sort=False, dropna=False):
+        fam, ckpt, var, dt, dev, emu = key
+        col = _column_label(pd.Series(dict(variant=var, dtype=dt, device=dev, emulate=emu)),
+                            multi_dev)
+        judged = g[g["verdict"] != "not_exposed"]
+        ratios = judged["floor_ratio"].astype(float)
+        r = math.inf if (judged["nonfinite"] > 0).any() else (
+            float(ratios.max()) if ratios.notna().any() else math.nan)
+        worst[(fam, _text(ckpt) or DASH, col)] = (r, _worst(g["verdict"]),
+                                                  bool((g["verdict"] == "overflow").any()))
+    rows_keys = list(dict.fromkeys(k[:2] for k in worst))
+    cols = list(dict.fromkeys(k[2] for k in worst))
+    rows = []
+    for fam, ckpt in rows_keys:
+        row = [Cell(f"{fam} / {ckpt}")]
+        for c in cols:
+            if (fam, ckpt, c) not in worst:
+                row.append(Cell(""))
+                continue
+            r, v, ovf = worst[(fam, ckpt, c)]
+            if ovf:
+                row.append(Cell("OVERFLOW", "overflow"))
+                continue
+            heat = (1.0 if not math.isfinite(r) else
+                    min(max(math.log10(max(r, 1.0)) / HEAT_DECADES, 0.0), 1.0)) \
+                if not math.isnan(r) else None
+            row.append(Cell(_num(r) if not math.isnan(r) else DASH, v, heat))
+        rows.append(tuple(row))
+    return DocTable(("family / checkpoint", *cols), tuple(rows))
 
 
 def _nan_low(x: float) -> float:
@@ -486,14 +537,31 @@ def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
     return DocTable(head, tuple(rows))
 
 
+def _figure(v) -> str:
+    """A check's figure as text: numbers as the report prints them, a mapping as `a:1 b:2`."""
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{_figure(x)}" for k, x in v.items())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return _num(v)
+
+
 def _flatten(d, prefix="") -> list[tuple[str, str]]:
+    """Nested run facts as `a.b.c` keys with readable values: dicts inside lists are flattened
+    as `a.0.b`, never printed as a Python repr; timing keys are left to run.json."""
     out = []
     for k in sorted(d, key=str):
         v, name = d[k], f"{prefix}{k}"
+        if k in VOLATILE_RUN_KEYS:
+            continue
         if isinstance(v, dict):
             out += _flatten(v, name + ".")
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in v):
+            out += _flatten(dict(enumerate(v)), name + ".")
         elif isinstance(v, (list, tuple)):
-            out.append((name, " ".join(map(str, v))))
+            out.append((name, ", ".join(map(str, v))))
+        elif isinstance(v, float):
+            out.append((name, _num(v)))
         else:
             out.append((name, str(v)))
     return out
@@ -572,16 +640,30 @@ td.fail{background:#f9d2cf;font-weight:600}td.overflow{background:#e9c8f2;font-w
 .verdict.PASS{background:#e3f4e6}.verdict.WARN{background:#fff2c2}.verdict.FAIL{background:#f9d2cf}
 .verdict.OVERFLOW{background:#e9c8f2}
 figure{margin:1em 0}figcaption{font-weight:600}img{max-width:100%}
+summary{cursor:pointer}summary h2{display:inline}td.heat{text-align:right}
 li{margin:.2em 0}
 """.strip()
 
 
+COLLAPSED = ("Logits, every subject", "How to read this report", "Run")  # closed at first
+OPEN = ("Why", "Error against layer", "Overflow and non-finite values")  # collapsible, open
+
+
 def render_html(div, attribution, run, title, checks=None, generation=None) -> str:
+    """The same blocks as summary.md; long sections (OPEN, COLLAPSED) fold into <details>."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>"]
+    in_details = False
     for kind, body in _document(div, attribution, run, title, True, checks, generation):
-        if kind in ("h1", "h2", "h3"):
+        if kind == "h2" and in_details:
+            out.append("</details>")
+            in_details = False
+        if kind == "h2" and (body in OPEN or body in COLLAPSED):
+            out.append(f"<details{' open' if body in OPEN else ''}><summary><h2>{e(body)}</h2>"
+                       "</summary>")
+            in_details = True
+        elif kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{e(body)}</{kind}>")
         elif kind == "verdict":
             out.append(f'<p><span class="verdict {e(body[1])}">{e(body[0])}: '
@@ -598,8 +680,21 @@ def render_html(div, attribution, run, title, checks=None, generation=None) -> s
             out.append(f'<figure><figcaption>{e(caption)}</figcaption>'
                        f'<img alt="{e(caption)}: error against layer" '
                        f'src="data:image/png;base64,{data}"></figure>')
+    if in_details:
+        out.append("</details>")
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
+
+
+def _html_cell(c: Cell) -> str:
+    e = html.escape
+    if c.heat is not None and c.verdict != "overflow":
+        # hue 120 (green) at the floor to 0 (red) HEAT_DECADES above it
+        style = f' style="background:hsl({120 * (1 - c.heat):.0f},70%,{85 - 15 * c.heat:.0f}%)"'
+        return f'<td class="heat"{style}>{e(c.text)}</td>'
+    if c.verdict:
+        return f'<td class="{c.verdict}">{e(c.text)}</td>'
+    return f"<td>{e(c.text)}</td>"
 
 
 def _html_table(t: DocTable) -> str:
@@ -607,8 +702,7 @@ def _html_table(t: DocTable) -> str:
     head = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr>"
     rows = []
     for row in t.rows:
-        tds = "".join(f'<td class="{c.verdict}">{e(c.text)}</td>' if c.verdict
-                      else f"<td>{e(c.text)}</td>" for c in row)
+        tds = "".join(_html_cell(c) for c in row)
         rows.append(f"<tr>{tds}</tr>")
     return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(rows) + \
         "\n</tbody>\n</table>"
@@ -633,11 +727,3 @@ def _check_frames(div, attribution, checks=None) -> None:
         missing = [c for c in ATTRIBUTION_COLUMNS if c not in attribution.columns]
         if missing:
             raise ParityError(f"report: the attribution table lacks columns {missing}")
-
-
-def _write_atomic(folder: Path, name: str, data: bytes) -> Path:
-    """Write to a hidden temporary file beside the target and rename it over the target."""
-    try:
-        return atomic_write(folder / name, data)
-    except OSError as e:
-        raise ParityError(f"{folder}: cannot write {name} ({e.strerror or e})") from None
