@@ -276,3 +276,16 @@ def test_a_model_too_large_to_restream_skips_the_costly_rows_unless_asked(
     c = checks(rep)
     assert [c[n]["verdict"] for n in ("cache", "batch", "generation")] == ["pass"] * 3
     assert c["generation"]["figures"]["new_tokens"] == 2
+
+
+def test_prompts_that_fill_every_position_skip_generation_with_the_reason(tiny_checkpoints,
+                                                                          tmp_path, capsys):
+    ck = tiny_checkpoints["gpt2"]
+    n = load_checkpoint(ck).config.n_positions
+    prompts = tmp_path / "full.txt"
+    prompts.write_text("ids: " + " ".join(["7"] * n) + "\n")
+    rep = tmp_path / "rep"
+    rc, out, err = gate(capsys, ck, "--prompts", prompts, report=rep)
+    assert (rc, err) == (0, ""), err
+    gen = checks(rep)["generation"]
+    assert gen["verdict"] == "skip" and f"fill all {n} positions" in gen["detail"]

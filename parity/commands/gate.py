@@ -404,8 +404,11 @@ def generation_row(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: d
 
     if max_new_tokens == 0:
         return G.skipped("--max-new-tokens 0"), None
-    g = G.generation_check(ckpt, inputs, subject, max_new_tokens=max_new_tokens, policy=policy,
-                           bounded=impl == "fast", progress=progress)
+    try:
+        g = G.generation_check(ckpt, inputs, subject, max_new_tokens=max_new_tokens,
+                               policy=policy, bounded=impl == "fast", progress=progress)
+    except G.NoRoomToDecode as e:
+        return G.skipped(str(e).removeprefix("generation: ")), None
     return g.result, g.steps
 
 

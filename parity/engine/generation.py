@@ -70,6 +70,11 @@ STEP_COLUMNS = ["prompt", "step", "position", "ref_token", "sub_token", "forced_
                 "nonfinite"]
 
 
+class NoRoomToDecode(ParityError):
+    """The prompts already fill the model's positions: nothing can be generated (the gate
+    skips its generation row; a direct call is bad input)."""
+
+
 # ----------------------------------------------------------------------------- subjects
 class HFModel:
     """transformers as a decoding subject: loaded once, one `capture` per call. Families that
@@ -254,8 +259,8 @@ def generation_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, *,
     if pos is not None:
         room = cfg.n_positions - 1 - int(np.max(np.asarray(pos)[:, -1]))
     if room < 1:
-        raise ParityError(f"generation: the prompts fill all {cfg.n_positions} positions of the "
-                          f"model; no room to decode")
+        raise NoRoomToDecode(f"generation: the prompts fill all {cfg.n_positions} positions of "
+                             f"the model; no room to decode")
     asked, n = n, min(n, room)
     model = model or subject_model(ckpt, subject, bounded=bounded)
     has_cache = getattr(model, "has_cache", True)
