@@ -375,6 +375,10 @@ class FastModel:
         self._fills: dict = {}
         self._present: dict = {}
         self._graph_fns: dict = {}  # "block" / "head" -> the torch.compile'd callable
+        # what a compiled block returns besides its output: "outputs" = nothing (every block
+        # output and the logits, as an uncaptured compiled model computes them), "all" = every
+        # site as a graph output, which changes what Inductor fuses (benchmarks/README.md)
+        self.compile_capture = "outputs"
         self._layer_weights: dict = {}
 
     # -- weights: read lazily from the checkpoint, converted to the subject dtype
@@ -803,7 +807,9 @@ class FastModel:
     def _compiled_block(self, ctx: FastContext, i: int, h) -> torch.Tensor:
         """Layer i through the compiled graph of its canonical layer j. Host-side decisions
         (masks, sdpa's causal flag, rotary table, fill values) are made eagerly first; the
-        graph returns the block output, the wanted sites and the new cache rows."""
+        graph returns the block output and the new cache rows (and, with compile_capture
+        "all", every wanted site). Sites inside the block are not exposed by default: making
+        one a graph output changes what Inductor fuses, hence the logits."""
         h = self._stream(h)
         j = self._canonical(i)
         self.visible(ctx, i)
@@ -813,8 +819,10 @@ class FastModel:
         for dt in (self.dtype, self.num.up):
             self.fill(dt)
         pre_i, pre_j = f"blocks.{i}.", f"blocks.{j}."
+        out_kind = self.fam.block_output
         kinds = [s[len(pre_i):] for s in self.site_names() if s.startswith(pre_i)
-                 and ctx.wants(s)]
+                 and ctx.wants(s) and (self.compile_capture == "all"
+                                       or s[len(pre_i):] == out_kind)]
         weights = {f"h.{j}." + n[len(f"h.{i}."):]: self.w(n) for n in self._layer_names(i)}
         gctx = self._graph_context(ctx, (pre_j + k for k in kinds),
                                    {j: ctx.past[i]} if ctx.past else None)
@@ -823,11 +831,14 @@ class FastModel:
             out, sites, present = self._graph("block")(gctx, j, h)
         finally:
             self._w = saved
-        for k in kinds:
-            if pre_j + k in sites:
-                x = sites[pre_j + k]
-                ctx.site(pre_i + k, x, x.dtype)
         ctx.present[i] = present[j]
+        t = ctx.ids.shape[1]
+        cached = {"attn.k": present[j][0][:, :, -t:], "attn.v": present[j][1][:, :, -t:]}
+        for k in (s[len(pre_i):] for s in self.site_names() if s.startswith(pre_i)):
+            # the new cache rows are graph outputs anyway: exposing them changes nothing
+            x = sites.get(pre_j + k, cached.get(k))
+            if x is not None and ctx.wants(pre_i + k):
+                ctx.site(pre_i + k, x, x.dtype)
         return out
 
     def _compiled_head(self, ctx: FastContext, h) -> torch.Tensor:

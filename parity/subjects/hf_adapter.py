@@ -380,19 +380,23 @@ class CompiledHF:
     """A transformers model under `torch.compile(fullgraph=True)`, the whole model as one graph
     (what `torch.compile(model)` users run). The capture hooks are registered *before* compiling
     and keep tensors (graph outputs), so the whole forward, hooks included, is one graph or an
-    error. Sites it cannot expose: `attn.scores` (read by a TorchFunctionMode in eager capture,
-    not inside a graph), and what the attention implementation never materialises (sdpa: no
-    scores, no probabilities). Built once, called many times (the gate's determinism rerun calls
-    the same compiled callable)."""
+    error. What it exposes (`capture="outputs"`, the default): embed, every block output, ln_f,
+    the new cache rows (attn.k / attn.v) and the logits, tensors the model materialises anyway.
+    A site inside a block made a graph output changes what Inductor fuses (measured in
+    benchmarks/README.md), so those are not exposed; `capture="all"` hooks them anyway
+    (attn.scores never: eager capture reads it with a TorchFunctionMode, not in a graph). Built
+    once, called many times (the gate's determinism rerun calls the same compiled callable)."""
 
-    def __init__(self, ckpt, dtype: str, device: str, attn_implementation: str | None, spec):
+    def __init__(self, ckpt, dtype: str, device: str, attn_implementation: str | None, spec,
+                 capture: str = "outputs"):
         self.cfg, self.fam, self.spec = ckpt.config, family(ckpt.config.family), C.parse(spec)
         self.model, self.impl = load(ckpt, dtype=dtype, device=device,
                                      attn_implementation=attn_implementation)
         self.stash: dict = {}
         everything = Recorder(Trace(family=self.fam.name), None)
         self.taps = _Taps(self.model, self.cfg, everything,
-                          eager=self.impl in EAGER_LIKE, stash=self.stash)
+                          eager=self.impl in EAGER_LIKE, stash=self.stash,
+                          only=(self.fam.block_output,) if capture == "outputs" else None)
         self.fn = C.compile_fn(self._forward, self.spec)
 
     def _forward(self, ids, mask, pos):
@@ -497,7 +501,8 @@ def _cache_layers(cache) -> list:
 class _Taps:
     """The forward hooks of one capture; `remove()` takes every one of them off again."""
 
-    def __init__(self, model, cfg, rec: Recorder, eager: bool = True, stash: dict | None = None):
+    def __init__(self, model, cfg, rec: Recorder, eager: bool = True, stash: dict | None = None,
+                 only: tuple | None = None):
         self.cfg, self.rec, self.family = cfg, rec, cfg.family
         self.fam = family(cfg.family)
         self.skip = () if eager else EAGER_ONLY  # sdpa: no softmax, no weights
@@ -510,6 +515,8 @@ class _Taps:
         body, layers = blocks_of(model, self.fam)
         self.taps = taps(self.fam, cfg.block)
         self.sites = hf_sites(cfg.family, cfg.block)
+        if only is not None:  # compiled capture: block sites limited to these kinds
+            self.sites = tuple(k for k in self.sites if k in only)
         if rec.wants("embed"):
             self._hook(layers[0], IN, lambda x: self.record("embed", x))
         for i, block in enumerate(layers):
