@@ -145,7 +145,7 @@ def first_sites(df: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(variant, dtype) -> (first site not passing, mode): local mode first, else accumulated."""
     out = {}
     for mode in ("accumulated", "local"):  # local overwrites: it names the layer that makes it
-        bad = df[(df["mode"] == mode) & (df["verdict"] != "pass")]
+        bad = df[(df["mode"] == mode) & ~df["verdict"].isin(("pass", "not_exposed"))]
         for (v, d), g in bad.groupby(["variant", "dtype"], sort=False):
             out[(v, d)] = (g.iloc[0]["site"], mode)
     return out
