@@ -368,6 +368,9 @@ class FastModel:
             emulate = False  # Inductor's own kernels in the real dtype
         self.num = Numerics(dtype, torch.device(resolve_device(device)), emulate)
         self.num.compiled = self.compile != "off"
+        if self.num.device.type == "cpu" and knobs.sdpa_backend in ("efficient", "cudnn"):
+            raise ParityError(f"variant: sdpa_backend={knobs.sdpa_backend} has no CPU kernel (on "
+                              f"a CPU: default, math, flash)")
         self.dtype = self.num.dtype
         self.cache_weights = cache_weights
         self._w: dict[str, torch.Tensor] = {}
@@ -667,8 +670,9 @@ class FastModel:
         out = None
         if not num.emulate:
             causal = self._causal_only(ctx, i)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else vis,
-                                                 is_causal=causal, scale=scale)
+            with sdpa_backend(self.knobs.sdpa_backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else vis,
+                                                     is_causal=causal, scale=scale)
             out = num.r(out)
         if num.emulate or want:
             qs, ks, vs = num.upcast(q), num.upcast(k), num.upcast(v)
@@ -874,6 +878,22 @@ class FastModel:
 
     def site_names(self) -> list[str]:
         return site_names(self.family, self.cfg.n_layer, self.cfg.block)
+
+
+SDPA_BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_backend(name: str):
+    """The sdpa_backend knob as torch's context manager (nothing for `default`). Under the CPU
+    emulation the knob does not apply: the emulation computes a fused kernel's fp32 math."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

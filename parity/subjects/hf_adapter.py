@@ -437,8 +437,21 @@ class CompiledHF:
             trace.meta["gptmeg"] = gptmeg_overrides(self.model, self.impl)
         self.stash.clear()
         self.taps.present.clear()
-        with torch.no_grad():
-            logits, cache = self.fn(*(torch.as_tensor(a, device=device) for a in (ids, mask, pos)))
+        try:
+            with torch.no_grad():
+                logits, cache = self.fn(*(torch.as_tensor(a, device=device)
+                                          for a in (ids, mask, pos)))
+        except Exception as e:  # noqa: BLE001 - dynamo / Inductor failures, one line
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(e, TorchDynamoException):
+                raise
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise ParityError(
+                f"--impl hf --compile {self.spec}: transformers {transformers.__version__}'s "
+                f"{type(self.model).__name__} ({self.impl} attention) cannot be compiled as one "
+                f"graph (fullgraph; a graph break would run part of it eagerly): "
+                f"{type(e).__name__}: {first}") from None
         rec = Recorder(trace, sites, dtype)
         got = dict(self.stash)
         if not self.fam.hf_cache:
