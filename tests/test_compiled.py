@@ -236,3 +236,66 @@ def test_compile_knob_attribution(tiny_checkpoints):
     assert comp["error_before"] == df.iloc[1]["error_before"]
     rows = token_rows(inputs)
     assert rows is not None  # the default batch is padded: only real tokens count
+
+
+def test_sdpa_backend_knob_chooses_the_kernel(tiny_checkpoints):
+    """On a CPU torch runs the flash kernel by default; `sdpa_backend=math` runs the math one,
+    which rounds differently. Under the CPU emulation the knob does not apply."""
+    from parity.checkpoints.inputs import default_batch
+    from parity.subjects.fast import FastModel
+
+    ckpt = load_checkpoint(tiny_checkpoints["gpt2"])
+    inputs = default_batch(ckpt.config, 16, seed=0)
+
+    def logits(backend, **kw):
+        return FastModel(ckpt, f"sdpa+sdpa_backend={backend}", dtype="bfloat16",
+                         **kw).forward(inputs, sites="logits").sites["logits"]
+
+    native = {b: logits(b, emulate=False) for b in ("default", "math", "flash")}
+    assert np.array_equal(native["default"], native["flash"])
+    assert not np.array_equal(native["math"], native["flash"])
+    assert np.array_equal(logits("math"), logits("flash"))  # emulated: one fp32 computation
+
+
+def test_sdpa_backend_without_a_cpu_kernel_is_refused(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    rc = cli.main(["trace", str(tiny_checkpoints["gpt2"]), "--impl", "fast", "--variant",
+                   "sdpa+sdpa_backend=cudnn", "--tokens", "1 2 3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sdpa_backend=cudnn" in err and not out.exists(), err
+
+
+def test_flex_attention_is_a_transformers_variant_of_gptj(tiny_checkpoints):
+    """GPT-J under transformers' flex_attention: no scores or probabilities, the rest within
+    budget of the float64 reference, and not bitwise the sdpa run."""
+    from parity.checkpoints.inputs import default_batch
+    from parity.subjects import run
+
+    ckpt = load_checkpoint(tiny_checkpoints["gptj"])
+    inputs = default_batch(ckpt.config, 16, seed=0)
+    flex = run("hf", ckpt, inputs, variant="flex_attention", dtype="bfloat16")
+    sdpa = run("hf", ckpt, inputs, variant="sdpa", dtype="bfloat16")
+    assert flex.meta["attn_implementation"] == "flex_attention"
+    assert not any(s.endswith(("attn.scores", "attn.probs")) for s in flex.sites)
+    ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                            inputs.attention_mask, inputs.position_ids).sites["logits"]
+    floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
+                              inputs.attention_mask, inputs.position_ids,
+                              floor="bfloat16").sites["logits"]
+    valid = M.valid_mask("logits", ref, token_rows(inputs))
+    ratio = M.floor_ratio(M.rel_l2(flex.sites["logits"], ref, valid), M.rel_l2(floor, ref, valid))
+    budget = B.budget_for(B.load_policy(), dtype="bfloat16", family="gptj", site="logits")
+    assert ratio <= budget.floor_ratio_warn, ratio
+    assert not np.array_equal(flex.sites["logits"], sdpa.sites["logits"])
+
+
+def test_flex_attention_that_cannot_compile_whole_is_an_error(tiny_checkpoints, tmp_path, capsys):
+    """transformers' flex mask code branches on data: no single graph. That is exit 2 with the
+    reason, never a silently partial compile."""
+    report = tmp_path / "r"
+    rc = cli.main(["gate", str(tiny_checkpoints["gptj"]), "--device", "cpu", "--report",
+                   str(report), "--impl", "hf", "--variant", "flex_attention", "--compile",
+                   "inductor", "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "cannot be compiled as one graph" in err
+    assert err.count("\n") == 1 and not (report / "run.json").exists()
