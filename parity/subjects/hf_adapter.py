@@ -383,7 +383,8 @@ class CompiledHF:
     error. What it exposes (`capture="outputs"`, the default): embed, every block output, ln_f,
     the new cache rows (attn.k / attn.v) and the logits, tensors the model materialises anyway.
     A site inside a block made a graph output changes what Inductor fuses (measured in
-    benchmarks/README.md), so those are not exposed; `capture="all"` hooks them anyway
+    benchmarks/README.md), so those are not exposed; `capture="all"` hooks them anyway, "none"
+    nothing
     (attn.scores never: eager capture reads it with a TorchFunctionMode, not in a graph). Built
     once, called many times (the gate's determinism rerun calls the same compiled callable)."""
 
@@ -393,7 +394,9 @@ class CompiledHF:
         self.model, self.impl = load(ckpt, dtype=dtype, device=device,
                                      attn_implementation=attn_implementation)
         self.stash: dict = {}
-        everything = Recorder(Trace(family=self.fam.name), None)
+        # "none" (benchmarks: what an uncaptured compiled model computes): logits only
+        everything = Recorder(Trace(family=self.fam.name),
+                              ["logits"] if capture == "none" else None)
         self.taps = _Taps(self.model, self.cfg, everything,
                           eager=self.impl in EAGER_LIKE, stash=self.stash,
                           only=(self.fam.block_output,) if capture == "outputs" else None)
