@@ -225,7 +225,6 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
             f"transformers ({meta.get('attn_implementation', 'eager')})")
     if subject.compile != "off":
         what += f", compiled ({subject.compile}, {meta.get('compile_codegen', '')} kernels)"
-
     detail = (f"{what} {meta.get('dtype', subject.dtype)} on {subject.device}: "
               + ("every site within budget" if first is None else
                  f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "

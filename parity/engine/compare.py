@@ -28,7 +28,7 @@ from parity.engine import metrics as M
 from parity.checkpoints.checkpoint import Checkpoint
 from parity.devices import emulated
 from parity.checkpoints.inputs import Inputs
-from parity.subjects.compiled import split_label
+from parity.subjects.compiled import split_label, variant_label
 from parity.engine.verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
 
 MODES = ("accumulated", "local")
@@ -58,8 +58,6 @@ class Subject:
     @property
     def name(self) -> str:
         """The variant column: the variant, or 'hf+compile=inductor' for a compiled one."""
-        from parity.subjects.compiled import variant_label
-
         return variant_label(self.variant, self.compile)
 
     @property

@@ -21,6 +21,9 @@ from __future__ import annotations
 from parity.errors import ParityError
 
 MODES = ("off", "inductor")
+# what a compiled subject reports: tensors it materialises anyway (README "Compiled subjects")
+EXPOSES = ("embed, block outputs, attn.k, attn.v, ln_f, logits; other sites are not exposed "
+           "(a graph output changes what Inductor fuses)")
 EPC = "emulate_precision_casts"
 SPECS = ("off", "inductor", f"inductor+{EPC}")
 # Inductor settings that change the numbers a compiled model computes (read at compile time)
@@ -91,7 +94,8 @@ def meta(spec, device) -> dict[str, str]:
     dev = str(device)
     out = {"compile": spec, "compile_backend": "inductor",
            "compile_codegen": "triton" if dev.startswith("cuda") else "cpp",
-           "compile_torch": torch.__version__, "compile_fullgraph": "true"}
+           "compile_torch": torch.__version__, "compile_fullgraph": "true",
+           "compile_exposes": EXPOSES}
     if not dev.startswith("cuda"):
         try:
             from torch._inductor.cpu_vec_isa import pick_vec_isa
