@@ -127,9 +127,10 @@ def main() -> int:
             y, yall = tc.sites["logits"], tall.sites["logits"]
             none = hf_adapter.CompiledHF(ckpt, dt, "cpu", "sdpa", "inductor", capture="none")
             tnone, t_hnone = timed(lambda: none.capture(inp), a.repeat)
-            print(f"  hf {dt} capture outputs vs none: logits bitwise equal "
+            print(f"  hf {dt} judged logits (uncaptured copy) vs capture none: bitwise equal "
                   f"{np.array_equal(y, tnone.sites['logits'])}, forward none "
-                  f"{t_hnone * 1e3:.1f} ms")
+                  f"{t_hnone * 1e3:.1f} ms; the captured copy's logits sit rel_l2 "
+                  f"{tc.meta['compile_capture_logit_rel_l2']} from them")
             print(f"hf {dt}: logit rel_l2 to float64 eager-attn {row[0]}, sdpa {row[1]}, "
                   f"compiled sdpa {err(y):.3g} (compile {t_hc_first:.1f} s, forward "
                   f"{t_hc * 1e3:.1f} ms); capture all: compile {t_hall_first:.1f} s, forward "

@@ -114,7 +114,7 @@ def compile_fn(fn, spec):
     """torch.compile(fn) for `spec`, whole graph or an error (fullgraph=True: a graph break is
     never silently run eagerly), static shapes. Dynamo's recompile limit is raised and made an
     error when hit: past it dynamo would otherwise run the function *eagerly*, and an eager run
-    reported as a compiled one is a false claim."""
+    reported as a compiled one is a false claim. Hooks are guarded (see below)."""
     import torch
 
     global _LIMITS_SET
@@ -124,6 +124,9 @@ def compile_fn(fn, spec):
         dc.accumulated_recompile_limit = max(getattr(dc, "accumulated_recompile_limit", 256),
                                              1 << 16)
         dc.fail_on_recompile_limit_hit = True
+        # dynamo skips guards on nn.Module hooks by default: a second model whose capture hooks
+        # differ would then run the first model's graph and capture the wrong sites
+        dc.skip_nnmodule_hook_guards = False
         _LIMITS_SET = True
     return torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False,
                          options=options(spec) or None)

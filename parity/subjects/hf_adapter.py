@@ -380,13 +380,16 @@ class CompiledHF:
     """A transformers model under `torch.compile(fullgraph=True)`, the whole model as one graph
     (what `torch.compile(model)` users run). The capture hooks are registered *before* compiling
     and keep tensors (graph outputs), so the whole forward, hooks included, is one graph or an
-    error. What it exposes (`capture="outputs"`, the default): embed, every block output, ln_f,
-    the new cache rows (attn.k / attn.v) and the logits, tensors the model materialises anyway.
-    A site inside a block made a graph output changes what Inductor fuses (measured in
-    benchmarks/README.md), so those are not exposed; `capture="all"` hooks them anyway, "none"
-    nothing
-    (attn.scores never: eager capture reads it with a TorchFunctionMode, not in a graph). Built
-    once, called many times (the gate's determinism rerun calls the same compiled callable)."""
+    error. Any capture changes the compiled logits here, block outputs included (a graph output
+    changes what Inductor fuses across the block boundary; benchmarks/README.md), so with
+    `capture="outputs"` (the default) two copies of the model are compiled: an uncaptured one,
+    what `torch.compile(model)` users run, gives the logits and the new cache rows (attn.k /
+    attn.v), and a captured one gives embed, every block output and ln_f; the metadata records
+    how far the captured copy's logits are from the judged ones. Sites inside a block are not
+    exposed. `capture="all"` (benchmarks) hooks every site in one model (attn.scores never:
+    eager capture reads it with a TorchFunctionMode, not in a graph); "none" only the logits.
+    Built once, called many times (the gate's determinism rerun calls the same compiled
+    callables)."""
 
     def __init__(self, ckpt, dtype: str, device: str, attn_implementation: str | None, spec,
                  capture: str = "outputs"):
@@ -401,16 +404,47 @@ class CompiledHF:
                           eager=self.impl in EAGER_LIKE, stash=self.stash,
                           only=(self.fam.block_output,) if capture == "outputs" else None)
         self.fn = C.compile_fn(self._forward, self.spec)
+        self.plain = self.fn_plain = None
+        if capture == "outputs":  # the judged logits come from an uncaptured copy
+            self.plain, _ = load(ckpt, dtype=dtype, device=device,
+                                 attn_implementation=attn_implementation)
+            self.plain_taps = _Taps(self.plain, self.cfg,
+                                    Recorder(Trace(family=self.fam.name), ["logits"]),
+                                    eager=self.impl in EAGER_LIKE, stash={})
+            self.fn_plain = C.compile_fn(self._forward_plain, self.spec)
 
+    # two entry points, two code objects: dynamo keeps its compiled graphs per code object
     def _forward(self, ids, mask, pos):
+        return self._call_model(self.model, ids, mask, pos)
+
+    def _forward_plain(self, ids, mask, pos):
+        return self._call_model(self.plain, ids, mask, pos)
+
+    def _call_model(self, model, ids, mask, pos):
         kw = dict(attention_mask=mask, position_ids=pos)
         if self.fam.hf_cache:
             kw["use_cache"] = True
         else:
             kw["output_attentions"] = self.impl in EAGER_LIKE
-        out = self.model(ids, **kw)
+        out = model(ids, **kw)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits, _cache_layers(cache)
+
+    def _compiled_call(self, fn, args, transformers):
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        except Exception as e:  # noqa: BLE001 - dynamo / Inductor failures, one line
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(e, TorchDynamoException):
+                raise
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise ParityError(
+                f"--impl hf --compile {self.spec}: transformers {transformers.__version__}'s "
+                f"{type(self.model).__name__} ({self.impl} attention) cannot be compiled as one "
+                f"graph (fullgraph; a graph break would run part of it eagerly): "
+                f"{type(e).__name__}: {first}") from None
 
     def capture(self, inputs, sites=None, past=None) -> Trace:
         transformers = import_transformers()
@@ -440,25 +474,25 @@ class CompiledHF:
             trace.meta["gptmeg"] = gptmeg_overrides(self.model, self.impl)
         self.stash.clear()
         self.taps.present.clear()
-        try:
-            with torch.no_grad():
-                logits, cache = self.fn(*(torch.as_tensor(a, device=device)
-                                          for a in (ids, mask, pos)))
-        except Exception as e:  # noqa: BLE001 - dynamo / Inductor failures, one line
-            from torch._dynamo.exc import TorchDynamoException
-
-            if not isinstance(e, TorchDynamoException):
-                raise
-            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-            raise ParityError(
-                f"--impl hf --compile {self.spec}: transformers {transformers.__version__}'s "
-                f"{type(self.model).__name__} ({self.impl} attention) cannot be compiled as one "
-                f"graph (fullgraph; a graph break would run part of it eagerly): "
-                f"{type(e).__name__}: {first}") from None
+        args = [torch.as_tensor(a, device=device) for a in (ids, mask, pos)]
+        logits, cache = self._compiled_call(self.fn, args, transformers)
+        present = self.taps.present
+        if self.plain is not None:
+            captured = _np(logits)
+            self.plain_taps.present.clear()
+            logits, cache = self._compiled_call(self.fn_plain, args, transformers)
+            present = self.plain_taps.present
+            judged = _np(logits)
+            moved = np.linalg.norm(captured - judged) / max(np.linalg.norm(judged), 1e-300)
+            trace.meta.update(
+                compile_capture="logits and cache from the uncaptured compiled model; embed, "
+                                "block outputs, ln_f from a second compiled copy with capture "
+                                "hooks",
+                compile_capture_logit_rel_l2=f"{moved:.3g}")
         rec = Recorder(trace, sites, dtype)
         got = dict(self.stash)
         if not self.fam.hf_cache:
-            cache = list(self.taps.present)
+            cache = list(present)
         for i, (k, v) in enumerate(cache):
             got[f"blocks.{i}.attn.k"], got[f"blocks.{i}.attn.v"] = k[:, :, -t:], v[:, :, -t:]
         trace.cache = [(_np(k), _np(v)) for k, v in cache]
