@@ -299,3 +299,19 @@ def test_flex_attention_that_cannot_compile_whole_is_an_error(tiny_checkpoints, 
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "cannot be compiled as one graph" in err
     assert err.count("\n") == 1 and not (report / "run.json").exists()
+
+
+def test_compiled_gate_fails_where_the_compiled_model_overflows(tmp_path, capsys):
+    """The stress GPT-2 in fp16 under the `hf` preset: the raw q.k^T overflows in eager and in
+    the compiled model alike. The compiled gate must fail (exit 1), naming a block output (the
+    first site it exposes after the overflow), never pass."""
+    from parity.checkpoints.recipes import make_checkpoint
+
+    ckpt = make_checkpoint("gpt2", tmp_path / "stress", preset="stress", seed=0)
+    g = _run_gate(ckpt, ["--compile", "inductor", "--dtype", "float16"], tmp_path / "report")
+    capsys.readouterr()
+    assert g["rc"] == 1
+    checks = {c["check"]: c for c in _run_json(g["report"])["checks"]}
+    assert checks["subject"]["verdict"] == "fail"
+    assert "non-finite" in checks["subject"]["detail"]
+    assert "resid_post" in checks["subject"]["detail"] or "logits" in checks["subject"]["detail"]
