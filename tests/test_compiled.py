@@ -238,6 +238,7 @@ def test_compile_knob_attribution(tiny_checkpoints):
     assert rows is not None  # the default batch is padded: only real tokens count
 
 
+@pytest.mark.cpu_kernels  # bitwise expectations about torch's CPU kernels
 def test_sdpa_backend_knob_chooses_the_kernel(tiny_checkpoints):
     """On a CPU torch runs the flash kernel by default; `sdpa_backend=math` runs the math one,
     which rounds differently. Under the CPU emulation the knob does not apply."""

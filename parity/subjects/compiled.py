@@ -132,6 +132,22 @@ def compile_fn(fn, spec):
                          options=options(spec) or None)
 
 
+def call(fn, args, what: str):
+    """Call a compiled callable; a dynamo or Inductor failure (a graph break under fullgraph, a
+    C++ compile error) becomes one ParityError line naming `what`, never a partly eager run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - only dynamo's own exceptions are translated
+        from torch._dynamo.exc import TorchDynamoException
+
+        if not isinstance(e, TorchDynamoException):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ParityError(f"--compile: {what} cannot be compiled as one graph by Inductor "
+                          f"(fullgraph; a graph break would run part of it eagerly): "
+                          f"{type(e).__name__}: {first[:300]}") from None
+
+
 def variant_label(variant: str, spec) -> str:
     """The variant column of a compiled subject: 'hf+compile=inductor' (eager: the variant)."""
     spec = parse(spec)

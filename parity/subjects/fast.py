@@ -832,7 +832,8 @@ class FastModel:
                                    {j: ctx.past[i]} if ctx.past else None)
         saved, self._w = self._w, weights
         try:
-            out, sites, present = self._graph("block")(gctx, j, h)
+            out, sites, present = C.call(self._graph("block"), (gctx, j, h),
+                                         f"the fast path's block {j} ({self.variant})")
         finally:
             self._w = saved
         ctx.present[i] = present[j]
@@ -859,7 +860,8 @@ class FastModel:
         gctx = self._graph_context(ctx, [s for s in ("ln_f", "logits") if ctx.wants(s)])
         saved, self._w = self._w, weights
         try:
-            logits, sites = self._graph("head")(gctx, h)
+            logits, sites = C.call(self._graph("head"), (gctx, h),
+                                   f"the fast path's head ({self.variant})")
         finally:
             self._w = saved
         if "ln_f" in sites:

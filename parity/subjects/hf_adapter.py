@@ -431,20 +431,9 @@ class CompiledHF:
         return out.logits, _cache_layers(cache)
 
     def _compiled_call(self, fn, args, transformers):
-        try:
-            with torch.no_grad():
-                return fn(*args)
-        except Exception as e:  # noqa: BLE001 - dynamo / Inductor failures, one line
-            from torch._dynamo.exc import TorchDynamoException
-
-            if not isinstance(e, TorchDynamoException):
-                raise
-            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-            raise ParityError(
-                f"--impl hf --compile {self.spec}: transformers {transformers.__version__}'s "
-                f"{type(self.model).__name__} ({self.impl} attention) cannot be compiled as one "
-                f"graph (fullgraph; a graph break would run part of it eagerly): "
-                f"{type(e).__name__}: {first}") from None
+        with torch.no_grad():
+            return C.call(fn, args, f"--impl hf: transformers {transformers.__version__}'s "
+                                    f"{type(self.model).__name__} ({self.impl} attention)")
 
     def capture(self, inputs, sites=None, past=None) -> Trace:
         transformers = import_transformers()
