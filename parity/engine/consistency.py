@@ -62,8 +62,9 @@ def _model(ckpt, subject: Subject, model_factory):
     from parity.subjects import fast
 
     make = model_factory or fast.FastModel
+    extra = {"compile": subject.compile} if subject.compile != "off" else {}
     return make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                emulate=subject.emulate)
+                emulate=subject.emulate, **extra)
 
 
 def _floor(cfg, weights, inputs: Inputs, streams, dtype: str, wide: dict, mode: str):
@@ -79,7 +80,7 @@ def _records(ref, sub, flo, dtypes, rows, policy, *, mode, cfg, label, subject, 
              case):
     dtype = meta.get("dtype", subject.dtype)
     recs = make_records(ref, sub, flo, dtypes, rows, policy, mode=mode, family=cfg.family,
-                        label=label, variant=subject.variant, dtype=dtype,
+                        label=label, variant=subject.name, dtype=dtype,
                         subject_dtype=subject.dtype, device=meta.get("device", subject.device),
                         emulate=emulated(meta))
     for r in recs:
