@@ -14,7 +14,8 @@ MODES = ("accumulated", "local")
 
 def compare(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",),
             device: str = "cpu", emulate: bool | None = None, modes=MODES,
-            policy: str | dict | None = None, label: str | None = None) -> "pd.DataFrame":
+            policy: str | dict | None = None, label: str | None = None,
+            compile: str = "off") -> "pd.DataFrame":
     """Compare fast-path subjects with the float64 reference on one checkpoint, per site.
 
         import parity
@@ -34,6 +35,8 @@ def compare(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",),
                 fed the reference's input).
     policy      a budgets TOML path or a loaded policy (default: the shipped budgets.toml).
     label       the `checkpoint` column (default: the directory name).
+    compile     "off", "inductor" or "inductor+emulate_precision_casts": the subjects run
+                under torch.compile (their variant column reads "hf+compile=inductor").
 
     Returns the long-format DataFrame of divergence.csv: one row per subject x mode x site with
     the metrics (rel_l2, floor_ratio, top1, kl, ...), the budget and the verdict.
@@ -55,8 +58,12 @@ def compare(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",),
         variants = [variants]
     if isinstance(dtypes, str):
         dtypes = [dtypes]
-    subjects = [Subject(variant=v, dtype=normalize_dtype(d), device=device, emulate=emulate)
-                for v in variants for d in dtypes]
+    from parity.subjects.compiled import check_emulate, parse
+
+    compile = parse(compile)
+    check_emulate(compile, emulate)
+    subjects = [Subject(variant=v, dtype=normalize_dtype(d), device=device, emulate=emulate,
+                        compile=compile) for v in variants for d in dtypes]
     if not isinstance(policy, dict):
         policy = B.load_policy(policy)
     return compare_subjects(ckpt, inputs, subjects, label=label or ckpt.path.name, modes=modes,

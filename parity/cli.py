@@ -16,6 +16,11 @@ from parity.errors import ParityError
 from parity.files import run_folder_name
 
 EXIT_OK, EXIT_DIVERGED, EXIT_ERROR = 0, 1, 2
+# parity.subjects.compiled.SPECS (not imported here: it would load torch for `parity --help`;
+# tests/test_compiled.py pins the two equal)
+COMPILE_CHOICES = ("off", "inductor", "inductor+emulate_precision_casts")
+COMPILE_HELP = ("off | inductor: run the subject under torch.compile (Inductor, its real dtype; "
+                "inductor+emulate_precision_casts keeps the half roundings between fused ops)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     t.add_argument("--emulate", choices=("on", "off"), default=None,
                    help="CPU emulation of CUDA half precision (default on for half on a CPU)")
+    t.add_argument("--compile", default="off", choices=COMPILE_CHOICES, metavar="MODE",
+                   help=COMPILE_HELP)
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help='token ids, e.g. "464 3290 318"; rows separated by ";"')
     src.add_argument("--text", help="text, tokenized with the checkpoint's tokenizer files")
@@ -49,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--variants", nargs="+", default=None)
     r.add_argument("--dtypes", nargs="+", default=None)
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--compile", default="off", choices=COMPILE_CHOICES, metavar="MODE",
+                   help="inductor: compiled subjects beside the eager ones (default off)")
     r.add_argument("--out", default=None, help="report folder (default reports/<run-id>)")
     r.add_argument("--no-attribution", action="store_true", help="skip the per-knob attribution")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -62,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float16")
     g.add_argument("--device", default="auto")
     g.add_argument("--emulate", choices=("on", "off"), default=None)
+    g.add_argument("--compile", default="off", choices=COMPILE_CHOICES, metavar="MODE",
+                   help=COMPILE_HELP)
     g.add_argument("--prompts", default=None, help="one prompt per line: text or token ids")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens the generation check greedy-decodes per prompt (default 16; "
@@ -183,7 +194,8 @@ def cmd_trace(a) -> int:
                               f"{ckpt.config.family} model (e.g. {names[1]}, "
                               f"blocks.*.{ckpt.config.block_sites[-1]}, logits)")
     trace = subjects.run(a.impl, ckpt, inp, variant=a.variant, dtype=dtype,
-                         device=resolve_device(a.device), emulate=emulate, sites=a.sites)
+                         device=resolve_device(a.device), emulate=emulate, sites=a.sites,
+                         compile=a.compile)
     trace.explicit_positions = inp.position_ids is not None
     meta = {
         "family": ckpt.config.family,
@@ -213,7 +225,7 @@ def cmd_report(a) -> int:
     _check_writable(out)
     with console.status("parity report: starting") as status:
         div, attr, run = run_report(a.families, a.variants, dtypes, device,
-                                    attribution=not a.no_attribution,
+                                    attribution=not a.no_attribution, compile=a.compile,
                                     progress=lambda msg: status.update(f"parity report: {msg}"))
     files = write_report(out, div, attr, run, title="gpt-parity report")
     console.print(terminal_summary(div, attr))
@@ -284,7 +296,7 @@ def _gate(a, out: Path, device: str, dtype: str) -> int:
         result = run_gate(a.checkpoint, a.golden, a.policy, a.impl, a.variant, dtype, device,
                           None if a.emulate is None else a.emulate == "on", a.prompts,
                           progress=lambda msg: status.update(f"parity gate: {msg}"),
-                          max_new_tokens=a.max_new_tokens)
+                          max_new_tokens=a.max_new_tokens, compile=a.compile)
     from parity.reports.run import environment
 
     run = {"command": "parity " + " ".join(a.argv), "verdict": result.verdict,

@@ -38,7 +38,8 @@ GATE_OPTIONS = {
     "emulate": dict(choices=("on", "off"), default=None,
                     help="CPU emulation of CUDA half precision (default on for half on a CPU)"),
     "prompts": dict(default=None, metavar="FILE",
-                    help="gate prompts: one text or one line of token ids per prompt"),
+                    help="gate prompts, one per line: 'ids: 46 290 318' or text"),
+    "compile": dict(default="off", help="gate subject under torch.compile: off | inductor"),
     "max_new_tokens": dict(type=int, default=None, metavar="N",
                            help="tokens the gate's generation check decodes per prompt "
                                 "(default 16; 0 skips it)"),
@@ -195,7 +196,8 @@ def run_gate_once(config):
                 variant=o["variant"], dtype=normalize_dtype(o["dtype"]),
                 device=resolve_device(o["device"]),
                 emulate=None if o["emulate"] is None else o["emulate"] == "on",
-                prompts=o["prompts"], max_new_tokens=o["max_new_tokens"])
+                prompts=o["prompts"], compile=o["compile"],
+                max_new_tokens=o["max_new_tokens"])
         except ParityError as e:
             msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
             raise pytest.UsageError(f"parity gate: error: {msg}") from None

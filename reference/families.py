@@ -243,7 +243,8 @@ _ENTRIES = (
     ),
     Family(
         name="gptj", module="gptj", hf_class="GPTJForCausalLM",
-        hf_attn_implementations=("eager", "sdpa"), hf_attn_upcast=True,
+        # flex_attention: transformers' FlexAttention path (GPT-2 and GPT-Neo have none)
+        hf_attn_implementations=("eager", "sdpa", "flex_attention"), hf_attn_upcast=True,
         # vocab 50400 = 50257 used + 143 TPU padding rows
         defaults=dict(vocab_size=50400, n_positions=2048, d_model=4096, n_layer=28, n_head=16),
         tie_default=False,
@@ -268,7 +269,7 @@ _ENTRIES = (
 _ENTRIES += (
     Family(
         name="gpt_neox", module="gpt_neox", hf_class="GPTNeoXForCausalLM",
-        hf_attn_implementations=("eager", "sdpa"),
+        hf_attn_implementations=("eager", "sdpa", "flex_attention"),
         hf_softmax_fp32=True,  # eager: q k^T in the model dtype, softmax(dtype=float32)
         config_keys=GPT_NEOX_CONFIG_KEYS,
         defaults=dict(vocab_size=50432, n_positions=2048, d_model=6144, n_layer=44, n_head=64),

@@ -39,6 +39,8 @@ from parity.engine.compare import FAILING, Subject, overall, token_rows, wide_si
 from parity.engine.verdicts import Result
 from parity.errors import ParityError, TokenizerMissing
 from parity.files import atomic_write
+from parity.subjects.compiled import check_emulate, variant_label
+from parity.subjects.compiled import parse as parse_compile
 from parity.goldens.io import read_golden
 from parity.checkpoints.inputs import Inputs, gate_batch, validate_inputs
 from parity.checkpoints.tokenizer_check import load_tokenizer
@@ -171,21 +173,31 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         from parity.engine.lockstep import lockstep
 
         model = FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                          emulate=subject.emulate, cache_weights=False)
+                          emulate=subject.emulate, cache_weights=False, compile=subject.compile)
         df, kept = lockstep(ckpt, inputs, model, policy=policy, label=ckpt.path.name,
-                            variant=subject.variant, keep=_determinism_site,
+                            variant=subject.name, keep=_determinism_site,
                             progress=(lambda i: progress(f"subject: layer {i + 1}/"
                                                          f"{ckpt.config.n_layer}"))
                             if progress else None)
         meta = dict(model.meta(), first_run=kept)
+        if subject.compile != "off":  # the determinism rerun calls the same compiled graphs
+            meta["_rerun"] = lambda: model.forward(inputs)
     else:
         from parity.engine.compare import make_records, to_frame
         from parity.subjects import run
 
         ref = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                 inputs.attention_mask, inputs.position_ids)
-        sub = run("hf", ckpt, inputs, dtype=subject.dtype, device=subject.device,
-                  variant=subject.variant)
+        if subject.compile != "off":  # compiled once; the determinism rerun reuses it
+            from parity.subjects.hf_adapter import CompiledHF
+
+            runner = CompiledHF(ckpt, subject.dtype, subject.device,
+                                None if subject.variant in (None, "hf") else subject.variant,
+                                subject.compile)
+            sub = runner.capture(inputs)
+        else:
+            sub = run("hf", ckpt, inputs, dtype=subject.dtype, device=subject.device,
+                      variant=subject.variant)
         floor = reference.forward(ckpt.config, ckpt.weights(), inputs.input_ids,
                                   inputs.attention_mask, inputs.position_ids,
                                   floor=subject.dtype if subject.dtype != "float64" else None,
@@ -193,10 +205,13 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         df = to_frame(make_records(
             ref.sites, sub.sites, floor.sites if subject.dtype != "float64" else None,
             sub.dtypes, token_rows(inputs), policy, mode="accumulated",
-            family=ckpt.config.family, label=ckpt.path.name, variant="transformers",
+            family=ckpt.config.family, label=ckpt.path.name,
+            variant=variant_label("transformers", subject.compile),
             dtype=subject.dtype, subject_dtype=subject.dtype, device=subject.device,
             emulate=False))
         meta = dict(sub.meta, memory="--impl hf loads the whole model (not bounded)")
+        if subject.compile != "off":
+            meta["_rerun"] = lambda: runner.capture(inputs, sites=DETERMINISM_SITES)
     v = overall(df)
     acc = df[df["mode"] == "accumulated"]
     logits = acc[acc["site"] == "logits"].iloc[0]
@@ -216,6 +231,8 @@ def subject_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, policy: di
         figures["not_exposed"] = ", ".join(_kinds(hidden))
     what = (f"fast {subject.variant}" if impl == "fast" else
             f"transformers ({meta.get('attn_implementation', 'eager')})")
+    if subject.compile != "off":
+        what += f", compiled ({subject.compile}, {meta.get('compile_codegen', '')} kernels)"
     detail = (f"{what} {meta.get('dtype', subject.dtype)} on {subject.device}: "
               + ("every site within budget" if first is None else
                  f"first divergent site {first['site']} ({first['mode']}, {first['verdict']}: "
@@ -236,12 +253,18 @@ def _determinism_site(site: str) -> bool:
 
 
 def determinism_check(ckpt: Checkpoint, inputs: Inputs, subject: Subject, impl: str,
-                      first: dict | None = None) -> Result:
+                      first: dict | None = None, rerun=None) -> Result:
     """Two subject runs, block outputs and logits compared bitwise (`first`: the sites kept from
     the subject check's own run, so only one more run is made). The fast path reads its weights
-    layer by layer again (no cache), so memory stays flat here too."""
+    layer by layer again (no cache), so memory stays flat here too. `rerun`: a compiled
+    subject's own callable (the same compiled graphs, never a recompile)."""
     sites = DETERMINISM_SITES
-    if impl == "fast":
+    if rerun is not None:
+        def once():
+            t = rerun()
+            t.sites = {k: v for k, v in t.sites.items() if _determinism_site(k)}
+            return t
+    elif impl == "fast":
         from parity.subjects.fast import FastModel
 
         def once():
@@ -325,7 +348,7 @@ def enforce_requirements(checks: list[Result], require: list[str], source: str) 
 def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: str = "fast",
              variant: str = "hf", dtype: str = "float16", device: str = "cpu",
              emulate=None, prompts: str | None = None, progress=None,
-             max_new_tokens: int | None = None) -> GateResult:
+             max_new_tokens: int | None = None, compile: str = "off") -> GateResult:
     """`max_new_tokens`: tokens the generation check decodes per prompt (None: 16, except that
     a model over `generation.LARGE_MODEL_ELEMENTS` weights checked in bounded memory (--impl
     fast) skips the cache, batch and generation rows by default; 0: generation is skipped)."""
@@ -336,6 +359,8 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     policy = B.load_policy(policy_path)
     if impl not in ("fast", "hf"):
         raise ParityError(f"--impl must be fast or hf for the gate, got {impl!r}")
+    compile = parse_compile(compile)
+    check_emulate(compile, emulate)
     ckpt = open_checkpoint(ckpt_dir)
     ckpt.keep_open = impl != "fast"  # bounded memory: no memory map outlives its read
     checks = [structure_check(ckpt, progress)]
@@ -353,7 +378,8 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
                                  detail="not run: the structure check failed"))
         else:
             checks.append(golden_check(ckpt, g))
-    subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl)
+    subject = Subject(variant=variant, dtype=dtype, device=device, emulate=emulate, impl=impl,
+                      compile=compile)
     div = pd.DataFrame()
     meta = {}
     gen = None
@@ -366,7 +392,8 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
         checks.append(c)
         if progress:
             progress("determinism")
-        checks.append(determinism_check(ckpt, inputs, subject, impl, meta.pop("first_run", None)))
+        checks.append(determinism_check(ckpt, inputs, subject, impl, meta.pop("first_run", None),
+                                        meta.pop("_rerun", None)))
         from parity.engine.generation import too_costly
 
         costly = too_costly(ckpt.config, impl == "fast") if max_new_tokens is None else None
@@ -381,7 +408,7 @@ def run_gate(ckpt_dir: str, goldens=(), policy_path: str | None = None, impl: st
     enforce_requirements(checks, B.gate_requirements(policy)["require"],
                          policy_path or str(B.DEFAULT_FILE))
     meta.update(wall_time_s=round(time.perf_counter() - t0, 1), checkpoint=str(ckpt.path),
-                impl=impl, variant=variant, dtype=dtype, device=device,
+                impl=impl, variant=variant, dtype=dtype, device=device, compile=compile,
                 prompts=prompts or "built-in batch ({} x {} tokens: full, left-padded by a "
                 "quarter and a half, a repeated motif)".format(*inputs.input_ids.shape),
                 policy=policy_path or str(B.DEFAULT_FILE))

@@ -6,6 +6,12 @@
    (target = that variant: "62% of the fp16 logit difference of meg vs hf comes from
    attn_scores=baddbmm");
 3. subject vs subject per layer — `pair_divergence`: where two numerics recipes part ways.
+
+A compiled subject (`hf+compile=inductor`) gets two rows of its own instead of the knob flips
+(those are measured on its eager twin): `compile` inductor -> off (the same variant run eagerly in
+the same real dtype: the share of the error that compiling changes) and
+`emulate_precision_casts` off -> on (Inductor told to keep the half roundings between fused
+ops). Both run with every site captured, as the judged subject does.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from parity.engine import metrics as M
 from parity.checkpoints.checkpoint import Checkpoint
 from parity.engine.compare import token_rows
 from parity.checkpoints.inputs import Inputs
+from parity.subjects import compiled as C
 from parity.subjects.knobs import Knobs, parse_variant
 
 # The choice of each knob that rounds least (fp32 where there is a choice, one rounding where
@@ -39,13 +46,17 @@ ATTR_COLUMNS = ["family", "checkpoint", "variant", "dtype", "target", "site", "k
 
 
 def _run(ckpt: Checkpoint, inputs: Inputs, knobs: Knobs, dtype: str, device: str,
-         emulate, sites=None, streams=None) -> reference.Trace:
+         emulate, sites=None, streams=None, compile: str = "off") -> reference.Trace:
     """The subject's trace: on its own stream, or (streams given: local mode) each block fed
-    the reference's input to that block."""
+    the reference's input to that block. A compiled subject captures every site, as when it
+    was judged (what a graph returns can change what Inductor fuses)."""
     from parity.subjects import fast
     from parity.engine.compare import forward_local
 
-    model = fast.FastModel(ckpt, knobs, dtype=dtype, device=device, emulate=emulate)
+    model = fast.FastModel(ckpt, knobs, dtype=dtype, device=device, emulate=emulate,
+                           compile=compile)
+    if compile != "off":
+        sites = None
     if streams is not None:
         return forward_local(model, inputs, streams)
     return model.forward(inputs, sites=sites)
@@ -73,7 +84,8 @@ def _share(before: float, after: float) -> tuple[float, str]:
 def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str, *,
                      target: str = "reference", device: str = "cpu", emulate=None,
                      label: str = "", ref_trace: reference.Trace | None = None,
-                     site: str = "logits", mode: str = "accumulated") -> pd.DataFrame:
+                     site: str = "logits", mode: str = "accumulated",
+                     compile: str = "off") -> pd.DataFrame:
     """One row per knob the subject could change: flip it alone (to PRECISE, or to the target
     variant's value) and measure the error at `site` (default the logits) against the target
     again. Measuring at the first divergent site explains a verdict the logits do not show;
@@ -83,6 +95,8 @@ def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str,
     from parity.engine.compare import block_inputs
 
     cfg = ckpt.config
+    if C.parse(compile) == "off":  # 'hf+compile=inductor' (a report's variant column)
+        variant, compile = C.split_label(variant)
     knobs = parse_variant(variant, cfg.family, cfg)
     rows = token_rows(inputs)
     sites = [site]
@@ -94,6 +108,12 @@ def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str,
     def at(trace):
         return trace.sites[site]
 
+    if C.parse(compile) != "off":
+        return _compile_rows(ckpt, inputs, knobs, dtype, device, at(ref_trace), rows, site,
+                             streams, compile,
+                             dict(family=cfg.family, checkpoint=label,
+                                  variant=C.variant_label(variant, compile), dtype=dtype,
+                                  target="reference", site=site))
     if target == "reference":
         goal = at(ref_trace)
         flips = {k: v for k, v in PRECISE.items() if getattr(knobs, k) != v}
@@ -113,6 +133,42 @@ def knob_attribution(ckpt: Checkpoint, inputs: Inputs, variant: str, dtype: str,
                         target=target, site=site, knob=knob, from_value=_show(getattr(knobs, knob)),
                         to_value=_show(value), error_before=before, error_after=after,
                         share=share, note=note))
+    return pd.DataFrame.from_records(out, columns=ATTR_COLUMNS)
+
+
+def _compile_rows(ckpt, inputs, knobs, dtype, device, goal, rows, site, streams, compile,
+                  common) -> pd.DataFrame:
+    """The `compile` and `emulate_precision_casts` rows of a compiled subject (module doc)."""
+    def err(spec, emulate):
+        t = _run(ckpt, inputs, knobs, dtype, device, emulate, streams=streams, compile=spec)
+        y = t.sites.get(site)
+        return y, (math.nan if y is None else _err(y, goal, rows, site))
+
+    y, before = err(compile, False)
+    if y is None:  # a site the compiled subject does not expose: nothing to attribute
+        return pd.DataFrame(columns=ATTR_COLUMNS)
+    out = []
+    e, after = err("off", False)  # the same subject, eager, in the same real dtype
+    share, note = _share(before, after)
+    out.append(dict(common, knob="compile", from_value=compile, to_value="off",
+                    error_before=before, error_after=after, share=share,
+                    note=note or "eager in the same dtype"))
+    if not compile.endswith(C.EPC):
+        z, after = err(f"{compile}+{C.EPC}", False)
+        share, note = _share(before, after)
+        valid = M.valid_mask(site, goal, rows)
+        finite = all(np.isfinite(np.asarray(w)[np.broadcast_to(valid, goal.shape)]).all()
+                     for w in (y, z, e))
+        if finite and np.array_equal(y, z):
+            note = (f"bitwise identical to {compile}: the code generator on {device} does not "
+                    f"emulate the half roundings")
+        elif finite:  # how far the emulated casts bring the compiled subject back to eager
+            gap, rest = M.rel_l2(y, e, valid), M.rel_l2(z, e, valid)
+            if gap > 0:
+                note = (f"the emulated casts take the logits {1 - rest / gap:.0%} of the way "
+                        f"back to eager (rel_l2 to eager {gap:.3g} -> {rest:.3g})")
+        out.append(dict(common, knob=C.EPC, from_value="off", to_value="on",
+                        error_before=before, error_after=after, share=share, note=note))
     return pd.DataFrame.from_records(out, columns=ATTR_COLUMNS)
 
 

@@ -28,6 +28,7 @@ from parity.engine import metrics as M
 from parity.checkpoints.checkpoint import Checkpoint
 from parity.devices import emulated
 from parity.checkpoints.inputs import Inputs
+from parity.subjects.compiled import split_label, variant_label
 from parity.engine.verdicts import FAILING, NOT_DIVERGENT, VERDICTS, worst  # noqa: F401 (re-exported)
 
 MODES = ("accumulated", "local")
@@ -44,17 +45,24 @@ COLUMNS = ["family", "checkpoint", "variant", "dtype", "device", "emulate", "mod
 @dataclass(frozen=True, kw_only=True)
 class Subject:
     """One implementation under test: a fast-path variant (preset, optionally with knob
-    overrides) in a dtype on a device."""
+    overrides) in a dtype on a device, eager or compiled (`compile`: 'off' | 'inductor' |
+    'inductor+emulate_precision_casts', parity/subjects/compiled.py)."""
 
     variant: str = "hf"
     dtype: str = "float16"
     device: str = "cpu"
     emulate: bool | None = None
     impl: str = "fast"
+    compile: str = "off"
+
+    @property
+    def name(self) -> str:
+        """The variant column: the variant, or 'hf+compile=inductor' for a compiled one."""
+        return variant_label(self.variant, self.compile)
 
     @property
     def label(self) -> str:
-        return f"{self.variant}/{self.dtype}"
+        return f"{self.name}/{self.dtype}"
 
 
 # ----------------------------------------------------------------------------- reference side
@@ -94,8 +102,9 @@ def subject_traces(ckpt: Checkpoint, inputs: Inputs, subject: Subject, streams, 
     from parity.subjects import fast
 
     make = model_factory or fast.FastModel
+    extra = {"compile": subject.compile} if subject.compile != "off" else {}
     model = make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                 emulate=subject.emulate)
+                 emulate=subject.emulate, **extra)
     out, dtypes, meta = {}, {}, {}
     if "accumulated" in modes:
         t = model.forward(inputs)
@@ -240,6 +249,7 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
     state = {} if state is None else state
     required = B.required_sites(policy)
     resolvable = B.tolerance("attention_resolvable")  # nats: attention rows the dtype resolves
+    base_variant = split_label(variant)[0]  # a compiled subject keeps its variant's budgets
     common = dict(family=family, checkpoint=label, variant=variant, dtype=subject_dtype,
                   device=device, emulate=emulate, mode=mode)
     out = []
@@ -257,8 +267,8 @@ def make_records(ref_sites: dict, sub_sites: dict, floor_sites: dict | None, dty
                                 else "")))
             continue
         sdt = dtypes.get(site, dtype)
-        budget = B.budget_for(policy, dtype=dtype, family=family, variant=variant, site=site,
-                              mode=mode, checkpoint=label)
+        budget = B.budget_for(policy, dtype=dtype, family=family, variant=base_variant,
+                              site=site, mode=mode, checkpoint=label)
         flo = None if floor_sites is None else floor_sites.get(site)
         y = sub_sites[site]
         valid = full = M.valid_mask(site, r, rows)
@@ -349,7 +359,7 @@ def compare(ckpt: Checkpoint, inputs: Inputs, subjects: list[Subject], *, label:
         for mode in modes:
             flo = floors.get(key, {}).get(mode)
             records += make_records(ref.sites, traces[mode], flo, dtypes, rows, policy, mode=mode,
-                                    family=cfg.family, label=label, variant=subject.variant,
+                                    family=cfg.family, label=label, variant=subject.name,
                                     dtype=dtype, subject_dtype=subject.dtype,
                                     device=meta.get("device", subject.device),
                                     emulate=emulated(meta))

@@ -63,8 +63,9 @@ def _model(ckpt, subject: Subject, model_factory):
     from parity.subjects import fast
 
     make = model_factory or fast.FastModel
+    extra = {"compile": subject.compile} if subject.compile != "off" else {}
     return make(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                emulate=subject.emulate)
+                emulate=subject.emulate, **extra)
 
 
 def _floor(runner: ReferenceRunner, inputs: Inputs, streams, dtype: str, wide: dict, mode: str,
@@ -80,7 +81,7 @@ def _records(ref, sub, flo, dtypes, rows, policy, *, mode, cfg, label, subject, 
              case):
     dtype = meta.get("dtype", subject.dtype)
     recs = make_records(ref, sub, flo, dtypes, rows, policy, mode=mode, family=cfg.family,
-                        label=label, variant=subject.variant, dtype=dtype,
+                        label=label, variant=subject.name, dtype=dtype,
                         subject_dtype=subject.dtype, device=meta.get("device", subject.device),
                         emulate=emulated(meta))
     for r in recs:
@@ -354,6 +355,11 @@ def gate_rows(ckpt, inputs: Inputs, subject: Subject, policy: dict, *, bounded: 
                            detail=f"not run: transformers' {fam.hf_class} keeps no key/value "
                                   f"cache (the generation check re-runs the whole sequence "
                                   f"for each token instead)"))
+    elif not getattr(factory(ckpt, subject.variant), "has_cache", True):
+        rows.append(Result(name="cache", verdict="skip",
+                           detail="not run: this subject takes no past key/value cache (a "
+                                  "compiled transformers model; the generation check re-runs "
+                                  "the whole sequence for each token instead)"))
     else:
         df = decode_check(ckpt, inputs, [subject], **kw)
         s = default_split(inputs)

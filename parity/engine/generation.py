@@ -77,29 +77,40 @@ class NoRoomToDecode(ParityError):
 
 # ----------------------------------------------------------------------------- subjects
 class HFModel:
-    """transformers as a decoding subject: loaded once, one `capture` per call. Families that
-    keep no cache in transformers (OpenAI GPT) have `has_cache = False`."""
+    """transformers as a decoding subject: loaded (or compiled) once, one capture per call.
+    `has_cache = False` where the subject takes no past cache: OpenAI GPT (transformers keeps
+    none) and a compiled transformers model (`hf_adapter.CompiledHF` refuses a past); those are
+    decoded by re-running the whole sequence for each token."""
 
     def __init__(self, ckpt: Checkpoint, subject: Subject):
         from parity.subjects import hf_adapter
         from reference import family
 
         self.cfg = ckpt.config
+        impl = None if subject.variant in (None, "hf", "transformers") else subject.variant
+        spec = getattr(subject, "compile", "off")
+        if spec != "off":
+            self.runner = hf_adapter.CompiledHF(ckpt, subject.dtype, subject.device, impl, spec)
+            self.has_cache = False
+            return
+        self.runner = None
         self.has_cache = family(self.cfg.family).hf_cache
         self._capture = hf_adapter.capture
-        impl = None if subject.variant in (None, "hf", "transformers") else subject.variant
         self.model, self.impl = hf_adapter.load(ckpt, dtype=subject.dtype, device=subject.device,
                                                 attn_implementation=impl)
 
     def forward(self, inputs, sites=None, past=None):
+        if self.runner is not None:
+            return self.runner.capture(inputs, sites=sites, past=past)  # refuses a past
         return self._capture(self.model, self.cfg, inputs, sites=sites, past=past,
                              attn_implementation=self.impl)
 
 
 def subject_model(ckpt: Checkpoint, subject: Subject, *, bounded: bool = False):
     """The model behind a `Subject`, ready to decode: `forward(inputs, sites=, past=)` returning
-    a Trace whose `.cache` is the reference layout, and `has_cache`. The one place a new kind of
-    subject (e.g. a compiled one) plugs into generation."""
+    a Trace whose `.cache` is the reference layout, and `has_cache`. The one place a kind of
+    subject plugs into generation: the fast path (eager or compiled, `Subject.compile`) and
+    transformers (eager or compiled)."""
     if subject.impl == "hf":
         return HFModel(ckpt, subject)
     if subject.impl != "fast":
@@ -107,7 +118,8 @@ def subject_model(ckpt: Checkpoint, subject: Subject, *, bounded: bool = False):
     from parity.subjects.fast import FastModel
 
     model = FastModel(ckpt, subject.variant, dtype=subject.dtype, device=subject.device,
-                      emulate=subject.emulate, cache_weights=not bounded)
+                      emulate=subject.emulate, cache_weights=not bounded,
+                      compile=subject.compile)
     model.has_cache = True
     return model
 

@@ -455,6 +455,15 @@ def _why_blocks(attribution, subj: pd.DataFrame) -> list:
                 items.append(f"no visible effect (under 0.5% each): {', '.join(quiet)}")
             blocks.append(("p", f"{fam} / {ckpt} / {var} / {dt} vs {vs}:"))
             blocks.append(("ul", items))
+    compiled = attribution[attribution["knob"].isin(COMPILE_KNOBS)]
+    if len(compiled):  # only in a run with compiled subjects
+        blocks.append(("h3", "What compiling changes"))
+        blocks.append(("p", "Each compiled subject against the same variant run eagerly in the "
+                            "same real dtype (compile=...->off), and with Inductor's "
+                            "emulate_precision_casts (the half roundings between fused ops kept)."))
+        blocks.append(("ul", [f"{r['family']} / {r['checkpoint']} / {r['variant']} / "
+                              f"{r['dtype']}: {attribution_sentence(r)}"
+                              for r in compiled.to_dict("records")]))
     ref = attribution[attribution["target"] == "reference"]
     if len(ref):
         blocks.append(("h3", "Every knob, every subject (share of the logit error vs the "
@@ -465,6 +474,9 @@ def _why_blocks(attribution, subj: pd.DataFrame) -> list:
                             "before; blank: the preset already uses the precise choice)."))
         blocks.append(("table", _share_table(ref, verdict)))
     return blocks
+
+
+COMPILE_KNOBS = ("compile", "emulate_precision_casts")  # parity/engine/attribution.py
 
 
 def _share_table(ref: pd.DataFrame, verdict: dict) -> DocTable:

@@ -66,8 +66,12 @@ def environment(device: str) -> dict:
 
 
 def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoints=CHECKPOINTS,
-               attribution=True, progress=None):
-    """-> (divergence DataFrame, attribution DataFrame, run dict)."""
+               attribution=True, progress=None, compile="off"):
+    """-> (divergence DataFrame, attribution DataFrame, run dict). `compile="inductor"` adds,
+    beside each eager subject, its compiled twin (variant column 'hf+compile=inductor')."""
+    from parity.subjects.compiled import parse as parse_compile
+
+    compile = parse_compile(compile)
     families = list(families or reference.FAMILIES)
     variants = list(variants or DEFAULT_VARIANTS)
     dtypes = list(dtypes or DEFAULT_DTYPES)
@@ -81,6 +85,9 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
     t0 = time.perf_counter()
     frames, attrs = [], []
     subjects = [Subject(variant=v, dtype=d, device=device) for v in variants for d in dtypes]
+    if compile != "off":
+        subjects += [Subject(variant=v, dtype=d, device=device, compile=compile)
+                     for v in variants for d in dtypes]
     with tempfile.TemporaryDirectory(prefix="parity-report-") as tmp:
         for family in families:
             for label in checkpoints:
@@ -98,7 +105,8 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
                     continue
                 for s in subjects:
                     attrs.append(knob_attribution(ckpt, inputs, s.variant, s.dtype,
-                                                  device=device, label=label, ref_trace=ref))
+                                                  device=device, label=label, ref_trace=ref,
+                                                  compile=s.compile))
                 # explain each verdict where it starts: the knob flips measured at the first
                 # divergent site (local mode pins the layer that makes it)
                 for (v, d), (site, mode) in first_sites(df).items():
@@ -122,6 +130,7 @@ def run_report(families=None, variants=None, dtypes=None, device="cpu", checkpoi
         "command": "parity " + " ".join(sys.argv[1:]) if sys.argv and "parity" in sys.argv[0]
         else "parity report",
         "families": families, "variants": variants, "dtypes": dtypes,
+        **({"compile": compile} if compile != "off" else {}),
         "checkpoints": {c: {"recipe": f"parity checkpoint make --family F --preset {c} "
                             f"--seed {SEED}", "sequence_length": SEQ_LEN[c]} for c in checkpoints},
         "seed": SEED,
@@ -136,7 +145,7 @@ def first_sites(df: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(variant, dtype) -> (first site not passing, mode): local mode first, else accumulated."""
     out = {}
     for mode in ("accumulated", "local"):  # local overwrites: it names the layer that makes it
-        bad = df[(df["mode"] == mode) & (df["verdict"] != "pass")]
+        bad = df[(df["mode"] == mode) & ~df["verdict"].isin(("pass", "not_exposed"))]
         for (v, d), g in bad.groupby(["variant", "dtype"], sort=False):
             out[(v, d)] = (g.iloc[0]["site"], mode)
     return out

@@ -19,8 +19,15 @@ DTYPES = tuple(dtypes.DTYPES)
 
 def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = None,
         dtype: str = "float64", device: str = "cpu", emulate: bool | None = None, sites=None,
-        past=None) -> reference.Trace:
+        past=None, compile: str | None = "off") -> reference.Trace:
+    """`compile` ('off' | 'inductor', parity/subjects/compiled.py) applies to fast and hf."""
+    from parity.subjects import compiled
+
     dtype = normalize_dtype(dtype)
+    compile = compiled.parse(compile)
+    if impl == "reference" and compile != "off":
+        raise ParityError("--compile applies to --impl fast and --impl hf; the float64 reference "
+                          "is NumPy and is never compiled")
     if impl == "reference":
         if dtype not in ("float64", "float16", "bfloat16"):
             raise ParityError(
@@ -38,12 +45,13 @@ def run(impl: str, ckpt: Checkpoint, inputs: Inputs, *, variant: str | None = No
         from parity.subjects import fast
 
         return fast.run(ckpt, inputs, variant=variant or "hf", dtype=dtype, device=device,
-                        emulate=emulate, sites=sites, past=past)
+                        emulate=emulate, sites=sites, past=past, compile=compile)
     if impl == "hf":
         from parity.subjects import hf_adapter
 
+        compiled.check_emulate(compile, emulate)
         # one variant grammar everywhere: `hf` (or none) is transformers' default, eager
         return hf_adapter.run(ckpt, inputs, dtype=dtype, device=device, sites=sites,
                               attn_implementation=None if variant in (None, "hf") else variant,
-                              past=past)
+                              past=past, compile=compile)
     raise ParityError(f"unknown --impl {impl!r} (choose from {', '.join(IMPLS)})")

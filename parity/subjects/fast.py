@@ -39,6 +39,7 @@ from reference.trace import Recorder, Trace
 
 from parity.devices import resolve_device
 from parity.errors import ParityError
+from parity.subjects import compiled as C
 from parity.subjects.knobs import TANH_GELUS, Knobs, parse_variant
 
 HALF = (torch.float16, torch.bfloat16)
@@ -112,6 +113,7 @@ class Numerics:
         self.up = torch.float64 if self.dtype == torch.float64 else torch.float32  # never down
         self._warm: set = set()
         self.jit_fused: bool | None = None  # AND over the scripted-gelu calls made so far
+        self.compiled = False  # traced by torch.compile: no TorchScript, no host syncs
 
     # -- rounding and dtypes
     def r(self, x: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
@@ -237,7 +239,7 @@ class Numerics:
         new input signature (the first calls run unfused, pytorch #80606) and record whether a
         fusion group was really used."""
         const = MEGATRON_SQRT_2_OVER_PI if megatron_constant else SQRT_2_OVER_PI
-        if self.emulate:
+        if self.emulate or self.compiled:  # compiled: Inductor fuses the same expression
             return self.r(megatron_gelu_form(x, self.c(const, torch.float32)))
         fn = scripted_gelu(megatron_constant)
         key = (tuple(x.shape), x.dtype, str(x.device), megatron_constant)
@@ -311,13 +313,42 @@ class FastContext:
         return 0 if not self.past else int(self.past[0][0].shape[2])
 
 
+@dataclass
+class GraphContext:
+    """What one compiled block (or head) sees of a FastContext: the same masks, rotary table and
+    cache, every host-side decision already made, and sites kept as tensors (`out`): a site
+    becomes a graph output, never a NumPy copy inside the graph. `past` is keyed by the layer
+    index the graph was traced with."""
+
+    wanted: frozenset
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    q_index: torch.Tensor
+    key_mask: torch.Tensor | None
+    past: dict | None
+    past_len: int
+    _visible: dict
+    _sincos: tuple | None
+    out: dict = field(default_factory=dict)
+    present: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
+
+    def site(self, name: str, x: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
+        if name in self.wanted:
+            self.out[name] = x
+        return x
+
+
 # ----------------------------------------------------------------------------- the model
 class FastModel:
     """One torch implementation of the five families, numerics chosen by `knobs`."""
 
     def __init__(self, ckpt, knobs: Knobs | str | None = None, dtype="float16", device="cpu",
                  emulate: bool | None = None, cache_weights: bool = True,
-                 variant: str | None = None):
+                 variant: str | None = None, compile: str | None = "off"):
         self.ckpt, self.cfg = ckpt, ckpt.config
         self.family = self.cfg.family
         try:
@@ -331,11 +362,27 @@ class FastModel:
         self.knobs = knobs
         self.variant = variant or knobs.describe()
         dtype = knobs.force_dtype or dtype_name(dtype)
+        self.compile = C.parse(compile)
+        C.check_emulate(self.compile, emulate)
+        if self.compile != "off":
+            emulate = False  # Inductor's own kernels in the real dtype
         self.num = Numerics(dtype, torch.device(resolve_device(device)), emulate)
+        self.num.compiled = self.compile != "off"
+        if self.num.device.type == "cpu" and knobs.sdpa_backend in ("efficient", "cudnn"):
+            raise ParityError(f"variant: sdpa_backend={knobs.sdpa_backend} has no CPU kernel (on "
+                              f"a CPU: default, math, flash)")
         self.dtype = self.num.dtype
         self.cache_weights = cache_weights
         self._w: dict[str, torch.Tensor] = {}
         self._rotary_table: dict = {}
+        self._fills: dict = {}
+        self._present: dict = {}
+        self._graph_fns: dict = {}  # "block" / "head" -> the torch.compile'd callable
+        # what a compiled block returns besides its output: "outputs" = nothing (every block
+        # output and the logits, as an uncaptured compiled model computes them), "all" = every
+        # site as a graph output, which changes what Inductor fuses (benchmarks/README.md)
+        self.compile_capture = "outputs"
+        self._layer_weights: dict = {}
 
     # -- weights: read lazily from the checkpoint, converted to the subject dtype
     def w(self, name: str) -> torch.Tensor:
@@ -347,7 +394,9 @@ class FastModel:
         return t
 
     def _has(self, name: str) -> bool:
-        return self.ckpt.has(name)
+        if name not in self._present:
+            self._present[name] = self.ckpt.has(name)
+        return self._present[name]
 
     # -- inputs
     def prepare(self, inputs, past=None, sites=None) -> FastContext:
@@ -413,7 +462,8 @@ class FastModel:
         return {
             "impl": "fast",
             "producer": f"gpt-parity fast ({self.variant}, {dtype_name(self.dtype)}, "
-                        f"{num.device}{', emulated' if num.emulate else ''})",
+                        f"{num.device}{', emulated' if num.emulate else ''}"
+                        f"{', compiled ' + self.compile if num.compiled else ''})",
             "variant": self.variant,
             "knobs": self.knobs.describe(),
             "dtype": dtype_name(self.dtype),
@@ -421,6 +471,7 @@ class FastModel:
             "emulate": "on" if num.emulate else "off",
             "jit_fused": self._jit_state(),
             "torch": torch.__version__,
+            **C.meta(self.compile, num.device),
         }
 
     def _jit_state(self) -> str:
@@ -428,6 +479,8 @@ class FastModel:
             return "n.a."
         if self.num.emulate:
             return "emulated"
+        if self.num.compiled:
+            return "inductor"
         return "n.a." if self.num.jit_fused is None else str(self.num.jit_fused).lower()
 
     # -- masks
@@ -451,16 +504,22 @@ class FastModel:
         return ctx._visible[kind]
 
     def _causal_only(self, ctx: FastContext, i: int) -> bool:
-        """sdpa may use is_causal=True: no padding, no past, not a windowed layer."""
-        return (ctx.key_mask is None or bool(ctx.key_mask.all())) and not ctx.past \
-            and self.cfg.layer_kind(i) == "global"
+        """sdpa may use is_causal=True: no padding, no past, not a windowed layer (decided
+        once per context and layer kind: a host-side decision)."""
+        key = ("causal", self.cfg.layer_kind(i))
+        if key not in ctx._visible:
+            ctx._visible[key] = (ctx.key_mask is None or bool(ctx.key_mask.all())) \
+                and not ctx.past and self.cfg.layer_kind(i) == "global"
+        return ctx._visible[key]
 
     def fill(self, dt: torch.dtype) -> float:
         """The masked-score value of the mask_fill knob, as the scores' dtype holds it."""
-        f = self.knobs.mask_fill
-        v = torch.finfo(dt).min if f == "finfo_min" else {"-1e4": -1e4, "-1e9": -1e9,
-                                                            "-inf": -math.inf}[f]
-        return float(torch.tensor(v, dtype=torch.float64).to(dt))
+        if dt not in self._fills:
+            f = self.knobs.mask_fill
+            v = torch.finfo(dt).min if f == "finfo_min" else {"-1e4": -1e4, "-1e9": -1e9,
+                                                                "-inf": -math.inf}[f]
+            self._fills[dt] = float(torch.tensor(v, dtype=torch.float64).to(dt))
+        return self._fills[dt]
 
     # -- pieces
     def layer_norm(self, x, prefix: str):
@@ -499,6 +558,8 @@ class FastModel:
     def block(self, ctx: FastContext, i: int, h) -> torch.Tensor:
         """One block. `h` may be a subject tensor or any array (e.g. the reference's float64
         stream), which is rounded to the subject dtype first."""
+        if self.num.compiled and isinstance(ctx, FastContext):
+            return self._compiled_block(ctx, i, h)
         h = self._stream(h)
         s, p, r = f"blocks.{i}.", f"h.{i}.", self.num.r
         kind = self.cfg.block  # the family's, or what its config switches it to
@@ -609,8 +670,9 @@ class FastModel:
         out = None
         if not num.emulate:
             causal = self._causal_only(ctx, i)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else vis,
-                                                 is_causal=causal, scale=scale)
+            with sdpa_backend(self.knobs.sdpa_backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else vis,
+                                                     is_causal=causal, scale=scale)
             out = num.r(out)
         if num.emulate or want:
             qs, ks, vs = num.upcast(q), num.upcast(k), num.upcast(v)
@@ -678,6 +740,8 @@ class FastModel:
         return self._rotary_table["sin"], self._rotary_table["cos"]
 
     def head(self, ctx: FastContext, h) -> torch.Tensor:
+        if self.num.compiled and isinstance(ctx, FastContext):
+            return self._compiled_head(ctx, h)
         h = self._stream(h)
         if self.fam.ln_f:
             h = ctx.site("ln_f", self.layer_norm(h, "ln_f"))
@@ -707,6 +771,104 @@ class FastModel:
         tr.meta.update(self.meta())
         return tr
 
+    # -- compiled subjects: one compiled graph per block shape, reused across layers
+    def _canonical(self, i: int) -> int:
+        """The first layer that computes like layer i (same layer kind, same score scale; with
+        Megatron's layer scaling every layer is its own): its compiled graph serves layer i,
+        fed layer i's weights under its names."""
+        if self.knobs.qk_layer_scaling:
+            return i
+        kind, scale = self.cfg.layer_kind(i), self.scale(i)
+        return next(j for j in range(i + 1)
+                    if self.cfg.layer_kind(j) == kind and self.scale(j) == scale)
+
+    def _graph(self, name: str):
+        if name not in self._graph_fns:
+            fn = self._graph_block if name == "block" else self._graph_head
+            self._graph_fns[name] = C.compile_fn(fn, self.compile)
+        return self._graph_fns[name]
+
+    def _graph_block(self, gctx: GraphContext, j: int, h: torch.Tensor):
+        out = self.block(gctx, j, h)
+        return out, gctx.out, gctx.present
+
+    def _graph_head(self, gctx: GraphContext, h: torch.Tensor):
+        logits = self.head(gctx, h)
+        return logits, gctx.out
+
+    def _graph_context(self, ctx: FastContext, wanted, past=None) -> GraphContext:
+        return GraphContext(wanted=frozenset(wanted), ids=ctx.ids, position_ids=ctx.position_ids,
+                            q_index=ctx.q_index, key_mask=ctx.key_mask, past=past,
+                            past_len=ctx.past_len, _visible=ctx._visible, _sincos=ctx._sincos)
+
+    def _layer_names(self, i: int) -> list[str]:
+        if i not in self._layer_weights:
+            pre = f"h.{i}."
+            self._layer_weights[i] = [n for n in reference.param_shapes(self.cfg)
+                                      if n.startswith(pre)]
+        return self._layer_weights[i]
+
+    def _compiled_block(self, ctx: FastContext, i: int, h) -> torch.Tensor:
+        """Layer i through the compiled graph of its canonical layer j. Host-side decisions
+        (masks, sdpa's causal flag, rotary table, fill values) are made eagerly first; the
+        graph returns the block output and the new cache rows (and, with compile_capture
+        "all", every wanted site). Sites inside the block are not exposed by default: making
+        one a graph output changes what Inductor fuses, hence the logits."""
+        h = self._stream(h)
+        j = self._canonical(i)
+        self.visible(ctx, i)
+        self._causal_only(ctx, i)
+        if self.fam.rotary:
+            self._sincos(ctx)
+        for dt in (self.dtype, self.num.up):
+            self.fill(dt)
+        pre_i, pre_j = f"blocks.{i}.", f"blocks.{j}."
+        out_kind = self.fam.block_output
+        kinds = [s[len(pre_i):] for s in self.site_names() if s.startswith(pre_i)
+                 and ctx.wants(s) and (self.compile_capture == "all"
+                                       or s[len(pre_i):] == out_kind)]
+        weights = {f"h.{j}." + n[len(f"h.{i}."):]: self.w(n) for n in self._layer_names(i)}
+        gctx = self._graph_context(ctx, (pre_j + k for k in kinds),
+                                   {j: ctx.past[i]} if ctx.past else None)
+        saved, self._w = self._w, weights
+        try:
+            out, sites, present = C.call(self._graph("block"), (gctx, j, h),
+                                         f"the fast path's block {j} ({self.variant})")
+        finally:
+            self._w = saved
+        ctx.present[i] = present[j]
+        t = ctx.ids.shape[1]
+        cached = {"attn.k": present[j][0][:, :, -t:], "attn.v": present[j][1][:, :, -t:]}
+        for k in (s[len(pre_i):] for s in self.site_names() if s.startswith(pre_i)):
+            # the new cache rows are graph outputs anyway: exposing them changes nothing
+            x = sites.get(pre_j + k, cached.get(k))
+            if x is not None and ctx.wants(pre_i + k):
+                ctx.site(pre_i + k, x, x.dtype)
+        return out
+
+    def _compiled_head(self, ctx: FastContext, h) -> torch.Tensor:
+        """ln_f and the LM head as one compiled graph. The head matrix is held whole here (not
+        in vocabulary chunks): the compiled gate is flat in depth, not in vocabulary size."""
+        h = self._stream(h)
+        tok = self.fam.tok + ".weight"
+        names = [tok if self.cfg.tie_word_embeddings else self.fam.lm_head + ".weight"]
+        if self._has(self.fam.lm_head + ".bias"):
+            names.append(self.fam.lm_head + ".bias")
+        if self.fam.ln_f:
+            names += ["ln_f.weight", "ln_f.bias"]
+        weights = {n: self.w(n) for n in names}
+        gctx = self._graph_context(ctx, [s for s in ("ln_f", "logits") if ctx.wants(s)])
+        saved, self._w = self._w, weights
+        try:
+            logits, sites = C.call(self._graph("head"), (gctx, h),
+                                   f"the fast path's head ({self.variant})")
+        finally:
+            self._w = saved
+        if "ln_f" in sites:
+            ctx.site("ln_f", sites["ln_f"])
+        ctx.logits = ctx.site("logits", logits)
+        return ctx.logits
+
     @torch.no_grad()
     def forward(self, inputs, sites=None, past=None) -> Trace:
         ctx = self.prepare(inputs, past=past, sites=sites)
@@ -718,6 +880,22 @@ class FastModel:
 
     def site_names(self) -> list[str]:
         return site_names(self.family, self.cfg.n_layer, self.cfg.block)
+
+
+SDPA_BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_backend(name: str):
+    """The sdpa_backend knob as torch's context manager (nothing for `default`). Under the CPU
+    emulation the knob does not apply: the emulation computes a fused kernel's fp32 math."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -732,7 +910,8 @@ def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(ckpt, inputs, variant: str | None = "hf", dtype="float16", device="cpu",
-        emulate: bool | None = None, sites=None, past=None) -> Trace:
+        emulate: bool | None = None, sites=None, past=None, compile: str | None = "off") -> Trace:
     """Entry point used by `parity.subjects.run` / `parity trace --impl fast`."""
-    model = FastModel(ckpt, variant or "hf", dtype=dtype, device=device, emulate=emulate)
+    model = FastModel(ckpt, variant or "hf", dtype=dtype, device=device, emulate=emulate,
+                      compile=compile)
     return model.forward(inputs, sites=sites, past=past)

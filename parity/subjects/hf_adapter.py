@@ -61,6 +61,7 @@ from reference.trace import Recorder, Trace
 
 from parity.errors import ParityError
 from parity.devices import normalize_dtype
+from parity.subjects import compiled as C
 
 INSTALL_HINT = "install the 'hf' extra: pip install gpt-parity[hf]"
 NOTE = "loads the whole model"
@@ -306,8 +307,11 @@ def _gptmeg_attention(module, query, key, value, attention_mask, scaling=None, d
 
 # ------------------------------------------------------------------------------------- capture
 def run(ckpt, inputs, dtype: str = "float32", device: str = "cpu", sites=None,
-        attn_implementation: str | None = None, past=None) -> Trace:
+        attn_implementation: str | None = None, past=None, compile: str | None = "off") -> Trace:
     """Load the checkpoint with transformers and return the trace of one forward pass."""
+    if C.is_compiled(compile):
+        return CompiledHF(ckpt, dtype, device, attn_implementation, compile).capture(
+            inputs, sites=sites, past=past)
     model, impl = load(ckpt, dtype=dtype, device=device, attn_implementation=attn_implementation)
     return capture(model, ckpt.config, inputs, sites=sites, past=past, attn_implementation=impl)
 
@@ -372,6 +376,127 @@ def capture(model, cfg, inputs, sites=None, past=None, attn_implementation: str 
     return trace
 
 
+class CompiledHF:
+    """A transformers model under `torch.compile(fullgraph=True)`, the whole model as one graph
+    (what `torch.compile(model)` users run). The capture hooks are registered *before* compiling
+    and keep tensors (graph outputs), so the whole forward, hooks included, is one graph or an
+    error. Any capture changes the compiled logits here, block outputs included (a graph output
+    changes what Inductor fuses across the block boundary; benchmarks/README.md), so with
+    `capture="outputs"` (the default) two copies of the model are compiled: an uncaptured one,
+    what `torch.compile(model)` users run, gives the logits and the new cache rows (attn.k /
+    attn.v), and a captured one gives embed, every block output and ln_f; the metadata records
+    how far the captured copy's logits are from the judged ones. Sites inside a block are not
+    exposed. `capture="all"` (benchmarks) hooks every site in one model (attn.scores never:
+    eager capture reads it with a TorchFunctionMode, not in a graph); "none" only the logits.
+    Built once, called many times (the gate's determinism rerun calls the same compiled
+    callables)."""
+
+    def __init__(self, ckpt, dtype: str, device: str, attn_implementation: str | None, spec,
+                 capture: str = "outputs"):
+        self.cfg, self.fam, self.spec = ckpt.config, family(ckpt.config.family), C.parse(spec)
+        self.model, self.impl = load(ckpt, dtype=dtype, device=device,
+                                     attn_implementation=attn_implementation)
+        self.stash: dict = {}
+        # "none" (benchmarks: what an uncaptured compiled model computes): logits only
+        everything = Recorder(Trace(family=self.fam.name),
+                              ["logits"] if capture == "none" else None)
+        self.taps = _Taps(self.model, self.cfg, everything,
+                          eager=self.impl in EAGER_LIKE, stash=self.stash,
+                          only=(self.fam.block_output,) if capture == "outputs" else None)
+        self.fn = C.compile_fn(self._forward, self.spec)
+        self.plain = self.fn_plain = None
+        if capture == "outputs":  # the judged logits come from an uncaptured copy
+            self.plain, _ = load(ckpt, dtype=dtype, device=device,
+                                 attn_implementation=attn_implementation)
+            self.plain_taps = _Taps(self.plain, self.cfg,
+                                    Recorder(Trace(family=self.fam.name), ["logits"]),
+                                    eager=self.impl in EAGER_LIKE, stash={})
+            self.fn_plain = C.compile_fn(self._forward_plain, self.spec)
+
+    # two entry points, two code objects: dynamo keeps its compiled graphs per code object
+    def _forward(self, ids, mask, pos):
+        return self._call_model(self.model, ids, mask, pos)
+
+    def _forward_plain(self, ids, mask, pos):
+        return self._call_model(self.plain, ids, mask, pos)
+
+    def _call_model(self, model, ids, mask, pos):
+        kw = dict(attention_mask=mask, position_ids=pos)
+        if self.fam.hf_cache:
+            kw["use_cache"] = True
+        else:
+            kw["output_attentions"] = self.impl in EAGER_LIKE
+        out = model(ids, **kw)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits, _cache_layers(cache)
+
+    def _compiled_call(self, fn, args, transformers):
+        with torch.no_grad():
+            return C.call(fn, args, f"--impl hf: transformers {transformers.__version__}'s "
+                                    f"{type(self.model).__name__} ({self.impl} attention)")
+
+    def capture(self, inputs, sites=None, past=None) -> Trace:
+        transformers = import_transformers()
+        if past:
+            raise ParityError("--impl hf --compile: a past cache is not supported (the compiled "
+                              "graph is traced for one forward pass without a cache)")
+        ids = np.asarray(inputs.input_ids, dtype=np.int64)
+        b, t = ids.shape
+        mask = inputs.attention_mask
+        mask = np.ones((b, t), np.int64) if mask is None else np.asarray(mask, np.int64)
+        if mask.shape != (b, t):
+            raise ParityError(f"attention_mask has shape {list(mask.shape)}, expected {[b, t]}")
+        pos = inputs.position_ids
+        pos = (np.broadcast_to(np.arange(t), (b, t)) if pos is None
+               else np.asarray(pos, np.int64)).copy()
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        device = next(self.model.parameters()).device
+        trace = Trace(family=self.fam.name, input_ids=ids, attention_mask=mask, position_ids=pos,
+                      meta={"producer": f"transformers {transformers.__version__} "
+                                        f"{type(self.model).__name__} ({self.impl}, compiled "
+                                        f"{self.spec})",
+                            "impl": "hf", "transformers": transformers.__version__,
+                            "attn_implementation": self.impl, "dtype": dtype,
+                            "device": str(device), "note": NOTE,
+                            **C.meta(self.spec, device)})
+        if self.fam.megatron:
+            trace.meta["gptmeg"] = gptmeg_overrides(self.model, self.impl)
+        self.stash.clear()
+        self.taps.present.clear()
+        args = [torch.as_tensor(a, device=device) for a in (ids, mask, pos)]
+        logits, cache = self._compiled_call(self.fn, args, transformers)
+        present = self.taps.present
+        if self.plain is not None:
+            captured = _np(logits)
+            self.plain_taps.present.clear()
+            logits, cache = self._compiled_call(self.fn_plain, args, transformers)
+            present = self.plain_taps.present
+            judged = _np(logits)
+            moved = np.linalg.norm(captured - judged) / max(np.linalg.norm(judged), 1e-300)
+            trace.meta.update(
+                compile_capture="logits and cache from the uncaptured compiled model; embed, "
+                                "block outputs, ln_f from a second compiled copy with capture "
+                                "hooks",
+                compile_capture_logit_rel_l2=f"{moved:.3g}")
+        rec = Recorder(trace, sites, dtype)
+        got = dict(self.stash)
+        if not self.fam.hf_cache:
+            cache = list(present)
+        for i, (k, v) in enumerate(cache):
+            got[f"blocks.{i}.attn.k"], got[f"blocks.{i}.attn.v"] = k[:, :, -t:], v[:, :, -t:]
+        trace.cache = [(_np(k), _np(v)) for k, v in cache]
+        for site, x in got.items():
+            if rec.wants(site):
+                trace.sites[site] = _np(x)
+                trace.dtypes[site] = str(x.dtype).removeprefix("torch.")
+        trace.sites["logits"] = _np(logits)
+        trace.dtypes["logits"] = str(logits.dtype).removeprefix("torch.")
+        order = {s: n for n, s in enumerate(site_names(self.fam.name, self.cfg.n_layer,
+                                                       self.cfg.block))}
+        trace.sites = dict(sorted(trace.sites.items(), key=lambda kv: order[kv[0]]))
+        return trace
+
+
 def _np(x) -> np.ndarray:
     return x.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
 
@@ -415,15 +540,22 @@ def _cache_layers(cache) -> list:
 class _Taps:
     """The forward hooks of one capture; `remove()` takes every one of them off again."""
 
-    def __init__(self, model, cfg, rec: Recorder, eager: bool = True):
+    def __init__(self, model, cfg, rec: Recorder, eager: bool = True, stash: dict | None = None,
+                 only: tuple | None = None):
         self.cfg, self.rec, self.family = cfg, rec, cfg.family
         self.fam = family(cfg.family)
         self.skip = () if eager else EAGER_ONLY  # sdpa: no softmax, no weights
+        # compiled capture: tensors kept as they are (graph outputs); no softmax spy in a graph
+        self.stash = stash
+        if stash is not None:
+            self.skip = tuple(set(self.skip) | {"attn.scores"})
         self.handles: list = []
         self.present: list = []  # OpenAI GPT: (k, v) per layer from c_attn
         body, layers = blocks_of(model, self.fam)
         self.taps = taps(self.fam, cfg.block)
         self.sites = hf_sites(cfg.family, cfg.block)
+        if only is not None:  # compiled capture: block sites limited to these kinds
+            self.sites = tuple(k for k in self.sites if k in only)
         if rec.wants("embed"):
             self._hook(layers[0], IN, lambda x: self.record("embed", x))
         for i, block in enumerate(layers):
@@ -436,6 +568,9 @@ class _Taps:
         return any(self.rec.wants(f"blocks.{i}.{kind}") for i in range(self.cfg.n_layer))
 
     def record(self, site: str, x, force: bool = False) -> None:
+        if self.stash is not None:  # inside a compiled graph: keep the tensor
+            self.stash[site] = x
+            return
         if force or self.rec.wants(site):
             self.rec.trace.sites[site] = _np(x)
             self.rec.trace.dtypes[site] = str(x.dtype).removeprefix("torch.")

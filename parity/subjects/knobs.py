@@ -33,6 +33,9 @@ CHOICES: dict[str, tuple] = {
     "gelu": ("tanh", "jit", "torch_tanh", "erf"),
     "layernorm": ("fp32", "native"),
     "rotary": ("native", "fp32"),
+    # which fused kernel runs attn_scores=sdpa on real kernels (torch.nn.attention.sdpa_kernel):
+    # default = torch's choice (the CPU flash kernel on a CPU); on a CPU only math and flash run
+    "sdpa_backend": ("default", "math", "flash", "efficient", "cudnn"),
 }
 MASK_FILL_VALUES = {"-1e4": -1e4, "-1e9": -1e9, "-inf": float("-inf")}  # finfo_min: per dtype
 
@@ -54,6 +57,7 @@ class Knobs:
     gelu: str = "tanh"  # tanh: eager composite; jit: scripted Megatron form; torch_tanh; erf
     layernorm: str = "native"  # fp32: x, gamma, beta upcast and the result cast back
     rotary: str = "native"  # GPT-J: native = in q's dtype with the table in the model dtype
+    sdpa_backend: str = "default"  # attn_scores=sdpa on real kernels: torch's choice, or forced
     force_dtype: str | None = None  # the fp32 preset runs in float32 whatever --dtype says
 
     def describe(self) -> str:
@@ -65,6 +69,8 @@ class Knobs:
                 if v is not None:
                     parts.append(f"force_dtype={v}")
                 continue
+            if f.name == "sdpa_backend" and v == "default":
+                continue  # named only when forced (older traces and goldens read the same)
             parts.append(f"{f.name}={_show(v)}")
         return ",".join(parts)
 
