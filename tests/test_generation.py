@@ -289,3 +289,17 @@ def test_prompts_that_fill_every_position_skip_generation_with_the_reason(tiny_c
     assert (rc, err) == (0, ""), err
     gen = checks(rep)["generation"]
     assert gen["verdict"] == "skip" and f"fill all {n} positions" in gen["detail"]
+
+
+@pytest.mark.slow(reason="compiles the fast path once per new sequence length (Inductor, "
+                         "static shapes): about 30 s on 2 cores")
+def test_a_compiled_fast_subject_decodes_with_its_cache_and_passes(tiny_checkpoints, tmp_path,
+                                                                   capsys):
+    rep = tmp_path / "rep"
+    rc, out, err = gate(capsys, tiny_checkpoints["gpt2"], "--compile", "inductor",
+                        "--max-new-tokens", 2, report=rep)
+    assert (rc, err) == (0, ""), err
+    c = checks(rep)
+    assert c["generation"]["verdict"] == "pass", c["generation"]["detail"]
+    assert c["generation"]["figures"]["decoding"] == "KV cache"
+    assert c["cache"]["verdict"] == "pass" and c["batch"]["verdict"] == "pass"
