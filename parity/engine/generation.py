@@ -135,7 +135,7 @@ def too_costly(cfg, bounded: bool) -> str | None:
     if not bounded or e <= LARGE_MODEL_ELEMENTS:
         return None
     return (f"not run by default: {e:.2g} weights streamed from disk per pass (bounded memory) "
-            f"cost more than the gate's 10 minutes for these rows (~35 minutes at GPT-J-6B's "
+            f"cost more than the gate's 10 minutes for these rows (~30 minutes at GPT-J-6B's "
             f"shape on 2 cores, benchmarks/README.md 'Generation'); --max-new-tokens N runs "
             f"them")
 
@@ -411,6 +411,9 @@ def judge(cfg, subject: Subject, dtype: str, policy: dict, r_tok, r_logits, free
                      f"{r}: the dtype cannot hold this model")
     if decisive:
         fails.append(f"decisive divergence in {len(decisive)} of {b} prompts")
+    if diverged and f_logits is None:  # a float64 subject has no floor: exact math diverges not
+        fails.append(f"divergence in {len(diverged)} of {b} prompts in {dtype} (no rounding "
+                     f"floor: the subject computes the reference's math)")
     if math.isfinite(mean_kl) and not mean_kl <= kl_limit:
         a, lim = M.fmt_pair(mean_kl, kl_limit)
         fails.append(f"mean KL per step {a} > {lim}")
