@@ -157,6 +157,21 @@ def decode_check(ckpt, inputs: Inputs, subjects, *, split: int | None = None, la
     return frame(records)
 
 
+def rows_alone(inputs: Inputs) -> list[tuple[np.ndarray, Inputs]] | None:
+    """Each row of a batch alone: (its real positions in the batch, the row unpadded with the
+    batch's position ids). None for one unpadded row (the batch is the row alone)."""
+    ids, mask, pos = inputs.input_ids, inputs.attention_mask, inputs.position_ids
+    b, t = ids.shape
+    if b == 1 and (mask is None or np.all(mask != 0)):
+        return None
+    full_pos = np.broadcast_to(np.arange(t), (b, t)) if pos is None else np.asarray(pos)
+    out = []
+    for r in range(b):
+        real = np.arange(t) if mask is None else np.flatnonzero(np.asarray(mask)[r] != 0)
+        out.append((real, Inputs(ids[r:r + 1, real], None, full_pos[r:r + 1, real].copy())))
+    return out
+
+
 def batch_check(ckpt, inputs: Inputs, subjects, *, label="", modes=MODES, policy=None,
                 model_factory=None, runner=None, sites=None) -> pd.DataFrame:
     """Check `batch`: each row's real positions in the (padded) batch against the reference of
@@ -165,17 +180,14 @@ def batch_check(ckpt, inputs: Inputs, subjects, *, label="", modes=MODES, policy
     cfg = ckpt.config
     runner = runner or ReferenceRunner(ckpt)
     policy = policy or B.load_policy()
-    ids, mask, pos = inputs.input_ids, inputs.attention_mask, inputs.position_ids
-    b, t = ids.shape
-    if b == 1 and (mask is None or np.all(mask != 0)):
+    rows = rows_alone(inputs)
+    if rows is None:
         return frame([])  # one unpadded row: the batch is the row alone
-    full_pos = np.broadcast_to(np.arange(t), (b, t)) if pos is None else np.asarray(pos)
+    t = inputs.input_ids.shape[1]
     ref = runner.forward(inputs, sites=sites)
     streams = block_inputs(ref, cfg)
     alone = []
-    for r in range(b):
-        real = np.arange(t) if mask is None else np.flatnonzero(np.asarray(mask)[r] != 0)
-        inp = Inputs(ids[r:r + 1, real], None, full_pos[r:r + 1, real].copy())
+    for real, inp in rows:
         ref_r = runner.forward(inp, sites=sites)
         alone.append((real, inp, ref_r, block_inputs(ref_r, cfg)))
     records, floors = [], {}
@@ -227,19 +239,16 @@ def pooled_batch_check(ckpt, inputs: Inputs, subject: Subject, *, label="", poli
     cfg = ckpt.config
     runner = runner or ReferenceRunner(ckpt)
     policy = policy or B.load_policy()
-    ids, mask, pos = inputs.input_ids, inputs.attention_mask, inputs.position_ids
-    b, t = ids.shape
-    if b == 1 and (mask is None or np.all(mask != 0)):
+    rows = rows_alone(inputs)
+    if rows is None:
         return frame([])
-    full_pos = np.broadcast_to(np.arange(t), (b, t)) if pos is None else np.asarray(pos)
+    b, mask = inputs.input_ids.shape[0], inputs.attention_mask
     model = _model(ckpt, subject, model_factory)
     out = model.forward(inputs, sites=sites)
     dtype = out.meta.get("dtype", subject.dtype)
     wide = wide_sites(out.dtypes, dtype)
     refs, subs, floors, starts, at = [], [], [], [], 0
-    for r in range(b):
-        real = np.arange(t) if mask is None else np.flatnonzero(np.asarray(mask)[r] != 0)
-        inp = Inputs(ids[r:r + 1, real], None, full_pos[r:r + 1, real].copy())
+    for r, (real, inp) in enumerate(rows):
         refs.append(runner.forward(inp, sites=sites).sites)
         floors.append(_floor(runner, inp, None, dtype, wide, "accumulated", sites))
         subs.append({k: take(k, v, slice(r, r + 1), real, real) for k, v in out.sites.items()})
