@@ -464,6 +464,16 @@ class CompiledHF:
         self.stash.clear()
         self.taps.present.clear()
         args = [torch.as_tensor(a, device=device) for a in (ids, mask, pos)]
+        rec = Recorder(trace, sites, dtype)
+        out = self.fam.block_output
+        wanted = any(rec.wants(s) for s in ["embed", "ln_f"] + [
+            f"blocks.{i}.{out}" for i in range(self.cfg.n_layer)])
+        if self.plain is not None and not wanted:
+            # only the logits (and cache) are asked for (a decoding step): the uncaptured copy
+            # alone, whose logits are the judged ones anyway
+            self.plain_taps.present.clear()
+            logits, cache = self._compiled_call(self.fn_plain, args, transformers)
+            return self._finish(trace, rec, {}, logits, cache, self.plain_taps.present, t)
         logits, cache = self._compiled_call(self.fn, args, transformers)
         present = self.taps.present
         if self.plain is not None:
@@ -478,8 +488,10 @@ class CompiledHF:
                                 "block outputs, ln_f from a second compiled copy with capture "
                                 "hooks",
                 compile_capture_logit_rel_l2=f"{moved:.3g}")
-        rec = Recorder(trace, sites, dtype)
-        got = dict(self.stash)
+        return self._finish(trace, rec, dict(self.stash), logits, cache, present, t)
+
+    def _finish(self, trace, rec, got, logits, cache, present, t) -> Trace:
+        """The trace from one call's captured tensors (`got`), logits and cache."""
         if not self.fam.hf_cache:
             cache = list(present)
         for i, (k, v) in enumerate(cache):
