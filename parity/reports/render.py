@@ -396,6 +396,12 @@ def _nan_low(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 
 
+def _subject_cells(r, multi_dev: bool) -> list:
+    """The cells that name a subject: family, checkpoint, variant, dtype (and device)."""
+    return ([Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
+            + ([Cell(_device(r.device, r.emulate))] if multi_dev else []))
+
+
 def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
     head = ("family", "checkpoint", "variant", "dtype") + (("device",) if multi_dev else ()) + (
         "verdict", "logits floor_ratio", "first divergent (accumulated)",
@@ -403,8 +409,7 @@ def _divergence_table(bad: pd.DataFrame, multi_dev: bool) -> DocTable:
     rows = []
     for r in bad.itertuples(index=False):
         rows.append(tuple(
-            [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
-            + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
+            _subject_cells(r, multi_dev)
             + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_floor_ratio)),
                Cell(_site_cell(r.first_accumulated, r.first_accumulated_verdict,
                                r.has_accumulated), r.first_accumulated_verdict or None),
@@ -541,8 +546,7 @@ def _logits_table(subj: pd.DataFrame, multi_dev: bool) -> DocTable:
     rows = []
     for r in subj.itertuples(index=False):
         rows.append(tuple(
-            [Cell(r.family), Cell(r.checkpoint), Cell(r.variant), Cell(r.dtype)]
-            + ([Cell(_device(r.device, r.emulate))] if multi_dev else [])
+            _subject_cells(r, multi_dev)
             + [Cell(_vlabel(r.verdict), r.verdict), Cell(_num(r.logits_rel_l2)),
                Cell(_num(r.logits_floor_ratio), r.logits_verdict or None),
                Cell(_pct(r.logits_top1, missing=NO_TOP1)), Cell(_num(r.logits_kl, ".2e"))]))
