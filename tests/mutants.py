@@ -152,6 +152,17 @@ class CacheForgets(Mutant):
         return vis
 
 
+class PadsLeak(Mutant):
+    """Every layer lets real tokens see the left padding (the key mask dropped, causality
+    kept): only a padded batch shows it. Used by the batch checks' can-fail tests, not the
+    detection catalogue (no layer argument)."""
+
+    def visible(self, ctx, i):
+        vis = super().visible(ctx, i)
+        causal = torch.arange(vis.shape[-1])[None, :] <= ctx.q_index[:, None]
+        return vis | causal[None, None]
+
+
 # ----------------------------------------------------------------------------- rotary (GPT-J)
 class RotaryMutant(Mutant):
     """Knows which layer's attention is running, so that `rotary` can break in one layer."""

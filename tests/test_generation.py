@@ -228,16 +228,8 @@ def test_the_gate_batch_row_pools_rows_and_sees_a_leaking_pad(tiny_checkpoints):
     """The batch row judges every row's real tokens pooled (a three-token prompt alone is a
     few dozen elements per site, where a floor ratio is noise): a subject whose real tokens see
     the pads fails it, the healthy one passes."""
-    import torch
-
     from parity.engine.consistency import gate_sites, pooled_batch_check
-    from tests.mutants import Mutant
-
-    class PadsLeak(Mutant):
-        def visible(self, ctx, i):
-            vis = super().visible(ctx, i)
-            causal = torch.arange(vis.shape[-1])[None, :] <= ctx.q_index[:, None]
-            return vis | causal[None, None]
+    from tests.mutants import PadsLeak
 
     ck = load_checkpoint(tiny_checkpoints["gpt_neo"])
     ids = np.array([[464, 3, 290, 318, 11, 7, 8, 9, 10, 12, 13], [0] * 8 + [5, 6, 7]])

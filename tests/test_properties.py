@@ -270,13 +270,7 @@ def test_batch_rows_and_left_padding_change_no_real_token(save, data):
 
 def test_the_batch_check_sees_a_leaking_pad(tiny_checkpoints):
     """The check can fail: a subject whose attention lets real tokens see the pads."""
-    from tests.mutants import Mutant
-
-    class PadsLeak(Mutant):
-        def visible(self, ctx, i):
-            vis = super().visible(ctx, i)
-            causal = torch.arange(vis.shape[-1])[None, :] <= ctx.q_index[:, None]
-            return vis | causal[None, None]
+    from tests.mutants import PadsLeak
 
     ck = load_checkpoint(tiny_checkpoints["gpt2"])
     from parity.checkpoints.inputs import default_batch
