@@ -42,18 +42,12 @@ def compare(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",),
     the metrics (rel_l2, floor_ratio, top1, kl, ...), the budget and the verdict.
     Raises parity.errors.InputError (a ValueError) for input that is not one of the above,
     and ParityError for a checkpoint or policy that cannot be used."""
-    from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
-    from parity.checkpoints.inputs import as_inputs, default_batch, validate_inputs
-    from parity.engine import budgets as B
+    from parity.checkpoints.inputs import default_batch
     from parity.engine.compare import Subject, compare as compare_subjects
     from parity.subjects import normalize_dtype
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    if inputs is None:
-        inputs = default_batch(ckpt.config, min(16, ckpt.config.n_positions))
-    else:
-        inputs = as_inputs(inputs, ckpt.path)
-    validate_inputs(inputs, ckpt.config, "inputs")
+    ckpt, inputs, policy = _open(checkpoint, inputs, policy,
+                                 lambda cfg: default_batch(cfg, min(16, cfg.n_positions)))
     if isinstance(variants, str):
         variants = [variants]
     if isinstance(dtypes, str):
@@ -64,8 +58,6 @@ def compare(checkpoint, inputs=None, *, variants=("hf",), dtypes=("float16",),
     check_emulate(compile, emulate)
     subjects = [Subject(variant=v, dtype=normalize_dtype(d), device=device, emulate=emulate,
                         compile=compile) for v in variants for d in dtypes]
-    if not isinstance(policy, dict):
-        policy = B.load_policy(policy)
     return compare_subjects(ckpt, inputs, subjects, label=label or ckpt.path.name, modes=modes,
                             policy=policy)
 
@@ -95,20 +87,28 @@ def generate_compare(checkpoint, inputs=None, *, variant: str = "hf", dtype: str
     row per prompt x step: tokens of both sides, phase agree/divergence/drift, the reference's
     margin and what the dtype resolves, KL and the floor's KL), `.reference_tokens`,
     `.subject_tokens`. Raises InputError / ParityError as `compare` does."""
-    from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
-    from parity.checkpoints.inputs import as_inputs, gate_batch, validate_inputs
+    from parity.checkpoints.inputs import gate_batch
     from parity.devices import resolve_device
-    from parity.engine import budgets as B
     from parity.engine.compare import Subject
     from parity.engine.generation import generation_check
     from parity.subjects import normalize_dtype
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    inputs = gate_batch(ckpt.config, seed=0) if inputs is None else as_inputs(inputs, ckpt.path)
-    validate_inputs(inputs, ckpt.config, "inputs")
-    if not isinstance(policy, dict):
-        policy = B.load_policy(policy)
+    ckpt, inputs, policy = _open(checkpoint, inputs, policy,
+                                 lambda cfg: gate_batch(cfg, seed=0))
     subject = Subject(variant=variant, dtype=normalize_dtype(dtype),
                       device=resolve_device(device), emulate=emulate, impl=impl)
     return generation_check(ckpt, inputs, subject, max_new_tokens=max_new_tokens,
                             policy=policy)
+
+
+def _open(checkpoint, inputs, policy, default_inputs):
+    """(Checkpoint, validated Inputs, loaded policy) from what a caller passed; inputs None:
+    `default_inputs(config)`."""
+    from parity.checkpoints.checkpoint import Checkpoint, load_checkpoint
+    from parity.checkpoints.inputs import as_inputs, validate_inputs
+    from parity.engine import budgets as B
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    inputs = default_inputs(ckpt.config) if inputs is None else as_inputs(inputs, ckpt.path)
+    validate_inputs(inputs, ckpt.config, "inputs")
+    return ckpt, inputs, policy if isinstance(policy, dict) else B.load_policy(policy)
